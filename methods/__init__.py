@@ -1,0 +1,33 @@
+"""PEFT adapters in plain PyTorch: LoRA, LoRA-GA, BOFT, unitary, the BOFT+LoRA-GA hybrid, full FT.
+
+No Ray, MLflow or DeepSpeed here (DeepSpeed only lazily, under ZeRO-3): the orchestrator imports
+this package, never the other way round.
+"""
+
+from .base import DEFAULT_TARGET_MODULES, AdapterLayer, adapter_layers
+from .boft import BoftConfig, BoftLinear
+from .config import ConfigError, MethodConfig
+from .full import FullConfig
+from .lora import LoraConfig, LoraLinear
+from .lora_ga import LoraGaConfig, LoraGaLinear, estimate_gradients, hf_loss
+from .model import (
+    adapter_state_dict,
+    after_backward,
+    apply_method,
+    count_parameters,
+    load_adapter,
+    merge_adapter,
+    read_adapter_config,
+    save_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+)
+from .registry import METHODS, Method, config_for, get_method, register
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES", "METHODS", "AdapterLayer", "BoftConfig", "BoftLinear", "ConfigError",
+    "FullConfig", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
+    "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "config_for",
+    "count_parameters", "estimate_gradients", "get_method", "hf_loss", "load_adapter", "merge_adapter",
+    "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",
+]

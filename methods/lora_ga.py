@@ -1,0 +1,197 @@
+"""LoRA-GA: LoRA initialised from the gradient's SVD (Wang, Yu, Li 2024, https://arxiv.org/abs/2407.05000;
+official code github.com/Outsider565/LoRA-GA). We follow the official code, not PEFT's variant.
+
+    1. G = mean over `batches` batches of dL/dW0                        (d_out, d_in), fp32,
+       averaged across data-parallel ranks when torch.distributed is initialised
+    2. U, S, V = svd_lowrank(G, q=min(4r, min(d_out, d_in)), niter=4);  Vt = V^T
+    3. direction "ArB2r":  A = Vt[:r, :]  (r, d_in),   B = U[:, r:2r]  (d_out, r);  S unused
+    4. scale "stable":     A, B *= d_out^(1/4) / sqrt(gamma)
+    5. W0 <- W0 - (alpha/r) B0 A0, so y = W0' x + (alpha/r) B A x equals W0 x at init.
+
+PEFT >= 0.19 (`init_lora_weights="lora_ga"`) differs: B = U[:, r:2r] diag(S[r:2r]) and the
+stable scale multiplies B only. `tests/methods/test_lora_ga.py` shows the difference.
+
+The frozen init copies A0, B0 are saved with the adapter: loading onto a fresh base model replays
+step 5 before copying A and B, which restores exactly the trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ._zero import gathered
+from .base import BaseLinear
+from .config import MethodConfig, check, check_choice
+from .lora import LoraConfig, LoraLinear
+
+Direction = Literal["ArB2r", "A2rBr", "ArBr", "random"]
+Scale = Literal["stable", "gd", "unit"]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def hf_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The Hugging Face convention: a dict batch with labels, the model returns `.loss`."""
+    return model(**batch).loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraGaConfig(MethodConfig):
+    """LoRA-GA hyperparameters; the LoRA ones are nested under `lora`.
+
+    Args:
+        lora: rank r, alpha, dropout, rsLoRA, target modules (see LoraConfig).
+        direction: which singular vectors initialise A and B. "ArB2r" (official default): A from
+            the top r right singular vectors, B from left singular vectors r..2r, so that the first
+            step's update B dA + dB A aligns with the top 2r of the full gradient.
+        scale: "stable" (official default) multiplies A and B by d_out^(1/4)/sqrt(gamma);
+            "gd" divides both by the LoRA scale alpha/r; "unit" leaves them orthonormal.
+        stable_gamma: gamma of the stable scale (official 16).
+        batches: batches averaged for the gradient estimate (official 64 batches of 2 samples).
+        svd_seed: seed of the randomised SVD. Every data-parallel rank must draw the same
+            random projection, or replicas would start from different A, B.
+    LR note: LoRA-GA wants roughly the full-fine-tuning learning rate (official issue #12: 2e-5
+    worked, 3e-4 oscillated), not LoRA's ~10x larger one.
+    """
+
+    method = "lora_ga"
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "nested LoRA settings"})
+    direction: Direction = dataclasses.field(
+        default="ArB2r", metadata={"help": "singular vectors for A and B: ArB2r | A2rBr | ArBr | random"}
+    )
+    scale: Scale = dataclasses.field(default="stable", metadata={"help": "init scale: stable | gd | unit"})
+    stable_gamma: float = dataclasses.field(default=16.0, metadata={"help": "gamma of the stable scale"})
+    batches: int = dataclasses.field(default=8, metadata={"help": "batches averaged for the gradient estimate"})
+    svd_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the randomised SVD (same on all ranks)"})
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraConfig.from_dict(self.lora, "lora"))
+        check_choice("direction", self.direction, Direction)
+        check_choice("scale", self.scale, Scale)
+        check(self.stable_gamma > 0, "stable_gamma", self.stable_gamma, "must be > 0")
+        check(isinstance(self.batches, int) and self.batches >= 1, "batches", self.batches, "must be an integer >= 1")
+
+    @property
+    def target_modules(self) -> Sequence[str] | str | None:
+        return self.lora.target_modules
+
+    @property
+    def gradient_batches(self) -> int:
+        return self.batches
+
+
+def estimate_gradients(
+    model: nn.Module,
+    targets: Sequence[tuple[str, nn.Module]],
+    batches: Iterable[Any],
+    num_batches: int,
+    loss_fn: LossFn = hf_loss,
+) -> dict[str, torch.Tensor]:
+    """Mean gradient dL/dW0 (d_out, d_in, fp32) of every target layer over `num_batches` batches.
+
+    Only the target weights get gradients (the rest stays frozen, so backward is cheap). Across
+    data-parallel ranks the result is the mean over all ranks' batches.
+    """
+    was_training = model.training
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    views = {name: BaseLinear(m) for name, m in targets}
+    for v in views.values():
+        v.layer.weight.requires_grad_(True)
+        v.layer.weight.grad = None
+    sums = {name: torch.zeros(v.d_out, v.d_in, dtype=torch.float32, device=v.layer.weight.device)
+            for name, v in views.items()}
+    seen = 0
+    model.train()
+    try:
+        for batch in batches:
+            if seen == num_batches:
+                break
+            with torch.enable_grad():
+                loss_fn(model, batch).backward()
+            for name, v in views.items():
+                g = v.layer.weight.grad
+                sums[name] += (g.t() if v.transposed else g).float()  # accumulate in fp32, not bf16
+                v.layer.weight.grad = None
+            seen += 1
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("lora_ga: the batch iterator yielded no batch for the gradient estimate")
+    count = torch.tensor(float(seen))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for g in sums.values():  # sum over ranks, divide by the total batch count
+            torch.distributed.all_reduce(g)
+        torch.distributed.all_reduce(count)
+    return {name: g / count.item() for name, g in sums.items()}
+
+
+def gradient_init(grad: torch.Tensor, cfg: LoraGaConfig, layer_name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, d_in) and B (d_out, r) from the gradient G (d_out, d_in), per the official algorithm."""
+    r = cfg.lora.r
+    d_out, d_in = grad.shape
+    if 2 * r > min(d_out, d_in):
+        raise ValueError(f"{layer_name}: lora_ga needs 2r={2 * r} <= min(in_features={d_in}, out_features={d_out})")
+    with torch.random.fork_rng(devices=[grad.device] if grad.device.type == "cuda" else []):
+        torch.manual_seed(cfg.svd_seed)  # identical random projection on every rank
+        U, _, V = torch.svd_lowrank(grad.float(), q=min(4 * r, d_out, d_in), niter=4)
+        perm = torch.randperm(2 * r)[:r]
+    Vt = V.t()  # (q, d_in)
+    if cfg.direction == "ArB2r":
+        A, B = Vt[:r], U[:, r : 2 * r]
+    elif cfg.direction == "A2rBr":
+        A, B = Vt[r : 2 * r], U[:, :r]
+    elif cfg.direction == "ArBr":
+        A, B = Vt[1 : 2 * r : 2], U[:, 0 : 2 * r : 2]
+    else:  # random: r of the top 2r directions, the same for A and B
+        A, B = Vt[perm], U[:, perm]
+    if cfg.scale == "stable":
+        factor = d_out**0.25 / cfg.stable_gamma**0.5
+        A, B = A * factor, B * factor
+    elif cfg.scale == "gd":
+        A, B = A / cfg.lora.scaling, B / cfg.lora.scaling
+    return A.contiguous(), B.contiguous()
+
+
+class LoraGaLinear(LoraLinear):
+    """LoRA whose A, B start from the gradient; W0 is compensated in place (no extra forward cost)."""
+
+    adapter_buffer_names = ("lora_A0", "lora_B0")
+    needs_gradients = True
+
+    def __init__(self, base_layer: nn.Module, cfg: LoraGaConfig, name: str = ""):
+        super().__init__(base_layer, cfg.lora, name)
+        self.ga_cfg = cfg
+        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+
+    @torch.no_grad()
+    def init_from_gradient(self, grad: torch.Tensor) -> None:
+        A, B = gradient_init(grad, self.ga_cfg, self.layer_name)
+        self._start_from(A, B)
+
+    @torch.no_grad()
+    def _start_from(self, A0: torch.Tensor, B0: torch.Tensor) -> None:
+        dtype = self.lora_A.dtype
+        self.lora_A0.copy_(A0.to(dtype))
+        self.lora_B0.copy_(B0.to(dtype))
+        self.lora_A.copy_(self.lora_A0)
+        self.lora_B.copy_(self.lora_B0)
+        # Offset computed from the dtype-cast A0, B0 so it cancels what the forward adds.
+        offset = self.scaling * (self.lora_B0.float() @ self.lora_A0.float())
+        with gathered(self.base.layer.weight, modify=True):
+            self.base.set_weight(self.base.weight().float() - offset)
+
+    @torch.no_grad()
+    def load_adapter_state(self, state) -> None:
+        self._start_from(state["lora_A0"], state["lora_B0"])  # replay the W0 compensation
+        super().load_adapter_state(state)
+

@@ -1,0 +1,187 @@
+"""Apply a method to a model, count, merge, save and load: the interface the orchestrator uses.
+
+    cfg = methods.config_for("boft", {"block_size": 8, "n_butterfly_factor": 2})
+    model = methods.apply_method(model, cfg, batches=train_batches)  # batches: gradient-init methods only
+    methods.count_parameters(model)            # (trainable, total)
+    methods.save_adapter(model, "out/adapter")  # adapter_config.json + adapter_model.safetensors
+    fresh = methods.load_adapter(base_model, "out/adapter")
+
+Nothing here knows which method it holds: it goes through the registry and `AdapterLayer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from .base import AdapterLayer, adapter_layers, find_targets, replace_module
+from .config import MethodConfig
+from .lora_ga import LossFn, estimate_gradients, hf_loss
+from .registry import config_for, get_method
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _attach(model: nn.Module, cfg: MethodConfig, grads: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    method = get_method(cfg.method)
+    if method.layer_cls is None:  # full fine-tuning
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        targets = list(find_targets(model, cfg.target_modules))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # Build every layer before swapping any in, so a bad hyperparameter leaves the model untouched.
+        layers = [(name, method.layer_cls(module, cfg, name)) for name, module in targets]
+        for name, layer in layers:
+            if grads is not None:
+                layer.init_from_gradient(grads.pop(name))
+            replace_module(model, name, layer)
+        for p in trainable_parameters(model):
+            p.requires_grad_(True)
+    model.adapter_config = cfg  # save_adapter reads it back
+    return model
+
+
+def apply_method(
+    model: nn.Module,
+    cfg: MethodConfig,
+    *,
+    batches: Iterable[Any] | None = None,
+    loss_fn: LossFn = hf_loss,
+) -> nn.Module:
+    """Adapt `model` in place: wrap the target layers, freeze everything else. Returns the model.
+
+    `batches` feeds the gradient estimate of methods that initialise from the gradient (lora_ga,
+    hybrid); `loss_fn(model, batch)` turns a batch into a loss (default: Hugging Face `.loss`).
+    """
+    if getattr(model, "adapter_config", None) is not None:
+        raise ValueError(f"model already carries a {model.adapter_config.method!r} adapter")
+    method = get_method(cfg.method)
+    grads = None
+    if method.needs_gradients:
+        if batches is None:
+            raise ValueError(f"{cfg.method}: initialises from the gradient; pass batches= (an iterator of batches)")
+        targets = list(find_targets(model, cfg.target_modules))
+        grads = estimate_gradients(model, targets, batches, cfg.gradient_batches, loss_fn)
+    return _attach(model, cfg, grads)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Adapter parameters found by visiting adapter layers (not by name matching); all for full FT."""
+    cfg = getattr(model, "adapter_config", None)
+    if cfg is not None and get_method(cfg.method).layer_cls is None:
+        return [p for p in model.parameters()]
+    return [getattr(layer, n) for _, layer in adapter_layers(model) for n in layer.adapter_param_names]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight: inference at the base model's cost."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What save_adapter writes: '<layer path>.<tensor name>' -> tensor."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        if layer.merged:
+            raise ValueError(f"{name}: adapter is merged; unmerge_adapter(model) before saving it")
+        for key, t in layer.adapter_state().items():
+            out[f"{name}.{key}"] = t.contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (the whole model for `full`)."""
+    cfg = getattr(model, "adapter_config", None)
+    if cfg is None:
+        raise ValueError("model carries no adapter: call apply_method first")
+    os.makedirs(directory, exist_ok=True)
+    meta = {"method": cfg.method, "config": cfg.to_dict(), "format_version": FORMAT_VERSION}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if get_method(cfg.method).layer_cls is None:
+        save_model(model, path)  # handles tied weights
+    else:
+        save_file(adapter_state_dict(model), path, metadata={"method": cfg.method})
+
+
+def read_adapter_config(directory: str | os.PathLike) -> MethodConfig:
+    path = os.path.join(directory, CONFIG_NAME)
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return config_for(meta["method"], meta["config"])
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the saved adapter to a fresh base model (same architecture and weights as at save time)."""
+    cfg = read_adapter_config(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if get_method(cfg.method).layer_cls is None:
+        load_model(model, path)
+        return _attach(model, cfg)
+    _attach(model, cfg)
+    state = load_file(path)
+    layers = dict(adapter_layers(model))
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        name, _, tensor = key.rpartition(".")
+        if name not in layers:
+            raise ValueError(f"{path}: tensor {key} belongs to no adapted layer of this model")
+        per_layer.setdefault(name, {})[tensor] = t
+    missing = sorted(set(layers) - set(per_layer))
+    if missing:
+        raise ValueError(f"{path}: no saved tensors for adapted layer(s) {missing[:3]}")
+    for name, layer in layers.items():
+        layer.load_adapter_state({k: v.to(getattr(layer, k).device) for k, v in per_layer[name].items()})
+    return model
+
+
+def after_backward(model: nn.Module, step: int) -> None:
+    """Call once per optimizer step after gradients are final (reduced): lets layers that adapt
+    themselves from gradients (the hybrid's gate) update. A no-op for the other methods."""
+    for _, layer in adapter_layers(model):
+        hook = getattr(layer, "after_backward", None)
+        if hook is not None:
+            hook(step)
+
+
+__all__ = [
+    "AdapterLayer",
+    "adapter_state_dict",
+    "after_backward",
+    "apply_method",
+    "count_parameters",
+    "load_adapter",
+    "merge_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge_adapter",
+]
