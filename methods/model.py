@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,10 +28,17 @@ from .registry import config_for, get_method
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+MODULES_TO_SAVE = "modules_to_save"  # key prefix of fully trained extra modules in the weights file
 
 
-def _attach(model: nn.Module, cfg: MethodConfig, grads: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def _attach(
+    model: nn.Module,
+    cfg: MethodConfig,
+    grads: dict[str, torch.Tensor] | None = None,
+    modules_to_save: Sequence[str] = (),
+) -> nn.Module:
     method = get_method(cfg.method)
+    extra = [(name, model.get_submodule(name)) for name in _check_modules_to_save(model, modules_to_save)]
     if method.layer_cls is None:  # full fine-tuning
         for p in model.parameters():
             p.requires_grad_(True)
@@ -45,10 +52,19 @@ def _attach(model: nn.Module, cfg: MethodConfig, grads: dict[str, torch.Tensor] 
             if grads is not None:
                 layer.init_from_gradient(grads.pop(name))
             replace_module(model, name, layer)
-        for p in trainable_parameters(model):
-            p.requires_grad_(True)
     model.adapter_config = cfg  # save_adapter reads it back
+    model.modules_to_save = tuple(name for name, _ in extra)
+    for p in trainable_parameters(model):
+        p.requires_grad_(True)
     return model
+
+
+def _check_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
+    known = dict(model.named_modules())
+    for name in names:
+        if name not in known:
+            raise ValueError(f"modules_to_save: {name!r} is not a module of the model (e.g. 'classifier', 'score')")
+    return list(names)
 
 
 def apply_method(
@@ -57,11 +73,14 @@ def apply_method(
     *,
     batches: Iterable[Any] | None = None,
     loss_fn: LossFn = hf_loss,
+    modules_to_save: Sequence[str] = (),
 ) -> nn.Module:
     """Adapt `model` in place: wrap the target layers, freeze everything else. Returns the model.
 
     `batches` feeds the gradient estimate of methods that initialise from the gradient (lora_ga,
     hybrid); `loss_fn(model, batch)` turns a batch into a loss (default: Hugging Face `.loss`).
+    `modules_to_save` are trained in full and saved with the adapter (PEFT's name), e.g. a freshly
+    initialised classification head ("classifier" in BERT, "score" in Llama).
     """
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError(f"model already carries a {model.adapter_config.method!r} adapter")
@@ -72,7 +91,7 @@ def apply_method(
             raise ValueError(f"{cfg.method}: initialises from the gradient; pass batches= (an iterator of batches)")
         targets = list(find_targets(model, cfg.target_modules))
         grads = estimate_gradients(model, targets, batches, cfg.gradient_batches, loss_fn)
-    return _attach(model, cfg, grads)
+    return _attach(model, cfg, grads, modules_to_save)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -80,7 +99,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     cfg = getattr(model, "adapter_config", None)
     if cfg is not None and get_method(cfg.method).layer_cls is None:
         return [p for p in model.parameters()]
-    return [getattr(layer, n) for _, layer in adapter_layers(model) for n in layer.adapter_param_names]
+    params = [getattr(layer, n) for _, layer in adapter_layers(model) for n in layer.adapter_param_names]
+    for name in getattr(model, "modules_to_save", ()):
+        params.extend(model.get_submodule(name).parameters())
+    return params
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -111,6 +133,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name}: adapter is merged; unmerge_adapter(model) before saving it")
         for key, t in layer.adapter_state().items():
             out[f"{name}.{key}"] = t.contiguous()
+    for name in getattr(model, "modules_to_save", ()):
+        for key, t in model.get_submodule(name).state_dict().items():
+            out[f"{MODULES_TO_SAVE}.{name}.{key}"] = t.detach().contiguous()
     return out
 
 
@@ -120,7 +145,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     if cfg is None:
         raise ValueError("model carries no adapter: call apply_method first")
     os.makedirs(directory, exist_ok=True)
-    meta = {"method": cfg.method, "config": cfg.to_dict(), "format_version": FORMAT_VERSION}
+    meta = {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "modules_to_save": list(getattr(model, "modules_to_save", ())),
+        "format_version": FORMAT_VERSION,
+    }
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -130,27 +160,41 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         save_file(adapter_state_dict(model), path, metadata={"method": cfg.method})
 
 
-def read_adapter_config(directory: str | os.PathLike) -> MethodConfig:
+def _read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = os.path.join(directory, CONFIG_NAME)
     with open(path) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def read_adapter_config(directory: str | os.PathLike) -> MethodConfig:
+    meta = _read_meta(directory)
     return config_for(meta["method"], meta["config"])
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach the saved adapter to a fresh base model (same architecture and weights as at save time)."""
-    cfg = read_adapter_config(directory)
+    meta = _read_meta(directory)
+    cfg = config_for(meta["method"], meta["config"])
     path = os.path.join(directory, WEIGHTS_NAME)
     if get_method(cfg.method).layer_cls is None:
         load_model(model, path)
         return _attach(model, cfg)
-    _attach(model, cfg)
+    _attach(model, cfg, modules_to_save=meta.get("modules_to_save", ()))
     state = load_file(path)
+    extra = {k[len(MODULES_TO_SAVE) + 1 :]: t for k, t in state.items() if k.startswith(MODULES_TO_SAVE + ".")}
+    if extra:
+        with torch.no_grad():
+            unexpected = model.load_state_dict(extra, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{path}: saved modules_to_save tensors {unexpected[:3]} do not fit this model")
     layers = dict(adapter_layers(model))
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
+        if key.startswith(MODULES_TO_SAVE + "."):
+            continue
         name, _, tensor = key.rpartition(".")
         if name not in layers:
             raise ValueError(f"{path}: tensor {key} belongs to no adapted layer of this model")
