@@ -35,7 +35,7 @@ CayleyMode = Literal["exact", "neumann"]
 
 @dataclasses.dataclass(frozen=True)
 class BoftConfig(MethodConfig):
-    """BOFT hyperparameters. Set exactly one of `block_size` and `block_num`.
+    """BOFT hyperparameters. Set at most one of `block_size` (default 4) and `block_num`.
 
     Args:
         block_size: b, the size of each orthogonal block (PEFT `boft_block_size`). Parameters per
@@ -50,7 +50,7 @@ class BoftConfig(MethodConfig):
     """
 
     method = "boft"
-    block_size: int | None = dataclasses.field(default=4, metadata={"help": "b: orthogonal block size"})
+    block_size: int | None = dataclasses.field(default=None, metadata={"help": "b: orthogonal block size (default 4)"})
     block_num: int | None = dataclasses.field(default=None, metadata={"help": "D: blocks per stage (instead of b)"})
     n_butterfly_factor: int = dataclasses.field(default=1, metadata={"help": "m: butterfly depth (1 = block OFT)"})
     cayley: CayleyMode = dataclasses.field(default="exact", metadata={"help": "Cayley transform: exact | neumann"})
@@ -60,10 +60,12 @@ class BoftConfig(MethodConfig):
     )
 
     def __post_init__(self):
-        if (self.block_size is None) == (self.block_num is None):
+        if self.block_size is not None and self.block_num is not None:
             raise ConfigError(
-                f"block_size={self.block_size!r}, block_num={self.block_num!r}: set exactly one of them"
+                f"block_size={self.block_size!r}, block_num={self.block_num!r}: set at most one of them"
             )
+        if self.block_size is None and self.block_num is None:
+            object.__setattr__(self, "block_size", 4)
         for name in ("block_size", "block_num"):
             v = getattr(self, name)
             if v is not None:
