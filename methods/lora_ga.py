@@ -169,6 +169,9 @@ class LoraGaLinear(LoraLinear):
 
     def __init__(self, base_layer: nn.Module, cfg: LoraGaConfig, name: str = ""):
         super().__init__(base_layer, cfg.lora, name)
+        r = cfg.lora.r
+        if 2 * r > min(self.d_in, self.d_out):
+            raise ValueError(f"{name}: lora_ga needs 2r={2 * r} <= min(in_features={self.d_in}, out_features={self.d_out})")
         self.ga_cfg = cfg
         self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
         self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,26 +34,30 @@ MODULES_TO_SAVE = "modules_to_save"  # key prefix of fully trained extra modules
 def _attach(
     model: nn.Module,
     cfg: MethodConfig,
-    grads: dict[str, torch.Tensor] | None = None,
+    estimate: Callable[[list[tuple[str, nn.Module]]], dict[str, torch.Tensor]] | None = None,
     modules_to_save: Sequence[str] = (),
 ) -> nn.Module:
+    """Wrap the targets. With `estimate`, gradients are taken on the still-unwrapped targets and
+    passed to each layer's `init_from_gradient`."""
     method = get_method(cfg.method)
-    extra = [(name, model.get_submodule(name)) for name in _check_modules_to_save(model, modules_to_save)]
+    extra = _check_modules_to_save(model, modules_to_save)
     if method.layer_cls is None:  # full fine-tuning
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         targets = list(find_targets(model, cfg.target_modules))
+        # Build (and so validate) every layer before any costly work and before swapping any in:
+        # a bad hyperparameter leaves the model untouched.
+        layers = [(name, method.layer_cls(module, cfg, name)) for name, module in targets]
+        grads = estimate(targets) if estimate is not None else None
         for p in model.parameters():
             p.requires_grad_(False)
-        # Build every layer before swapping any in, so a bad hyperparameter leaves the model untouched.
-        layers = [(name, method.layer_cls(module, cfg, name)) for name, module in targets]
         for name, layer in layers:
             if grads is not None:
                 layer.init_from_gradient(grads.pop(name))
             replace_module(model, name, layer)
     model.adapter_config = cfg  # save_adapter reads it back
-    model.modules_to_save = tuple(name for name, _ in extra)
+    model.modules_to_save = tuple(extra)
     for p in trainable_parameters(model):
         p.requires_grad_(True)
     return model
@@ -84,14 +88,15 @@ def apply_method(
     """
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError(f"model already carries a {model.adapter_config.method!r} adapter")
-    method = get_method(cfg.method)
-    grads = None
-    if method.needs_gradients:
+    estimate = None
+    if get_method(cfg.method).needs_gradients:
         if batches is None:
             raise ValueError(f"{cfg.method}: initialises from the gradient; pass batches= (an iterator of batches)")
-        targets = list(find_targets(model, cfg.target_modules))
-        grads = estimate_gradients(model, targets, batches, cfg.gradient_batches, loss_fn)
-    return _attach(model, cfg, grads, modules_to_save)
+
+        def estimate(targets):
+            return estimate_gradients(model, targets, batches, cfg.gradient_batches, loss_fn)
+
+    return _attach(model, cfg, estimate, modules_to_save)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
