@@ -8,6 +8,7 @@ from .base import DEFAULT_TARGET_MODULES, AdapterLayer, adapter_layers
 from .boft import BoftConfig, BoftLinear
 from .config import ConfigError, MethodConfig
 from .full import FullConfig
+from .hybrid import GateConfig, HybridConfig, HybridLinear, gate_history, gate_values
 from .lora import LoraConfig, LoraLinear
 from .lora_ga import LoraGaConfig, LoraGaLinear, estimate_gradients, hf_loss
 from .model import (
@@ -26,7 +27,7 @@ from .registry import METHODS, Method, config_for, get_method, register
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "METHODS", "AdapterLayer", "BoftConfig", "BoftLinear", "ConfigError",
-    "FullConfig", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
+    "FullConfig", "GateConfig", "HybridConfig", "HybridLinear", "gate_history", "gate_values", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
     "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "config_for",
     "count_parameters", "estimate_gradients", "get_method", "hf_loss", "load_adapter", "merge_adapter",
     "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",

@@ -68,17 +68,20 @@ class MethodConfig:
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
-        """Help string of every field, nested fields with dotted names (for `orchestrate describe`)."""
-        out: dict[str, str] = {}
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = _strip_optional(hints[f.name])
-            if dataclasses.is_dataclass(tp):
-                for k, v in tp.field_help().items():
-                    out[f"{f.name}.{k}"] = v
-            else:
-                out[f.name] = f.metadata.get("help", "")
-        return out
+        return field_help(cls)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help string of every field, nested fields with dotted names (for `orchestrate describe`)."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{f.name}.{k}": v for k, v in field_help(tp).items()})
+        else:
+            out[f.name] = f.metadata.get("help", "")
+    return out
 
 
 def check(cond: bool, field: str, value: Any, expected: str) -> None:

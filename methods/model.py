@@ -212,13 +212,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def after_backward(model: nn.Module, step: int) -> None:
-    """Call once per optimizer step after gradients are final (reduced): lets layers that adapt
-    themselves from gradients (the hybrid's gate) update. A no-op for the other methods."""
+def after_backward(
+    model: nn.Module, step: int, grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+) -> None:
+    """Call once per optimizer step after gradients are final (reduced, before `zero_grad`): lets
+    layers that adapt themselves from gradients (the hybrid's gate) update. A no-op for the others.
+    `grad_of(param)` returns a parameter's full gradient where `.grad` doesn't hold it (DeepSpeed
+    ZeRO: `deepspeed.utils.safe_get_full_grad`)."""
     for _, layer in adapter_layers(model):
         hook = getattr(layer, "after_backward", None)
         if hook is not None:
-            hook(step)
+            hook(step, grad_of)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from torch import nn
 from .boft import BoftConfig, BoftLinear
 from .config import MethodConfig
 from .full import FullConfig
+from .hybrid import HybridConfig, HybridLinear
 from .lora import LoraConfig, LoraLinear
 from .lora_ga import LoraGaConfig, LoraGaLinear
 
@@ -52,4 +53,5 @@ def config_for(name: str, data: dict | None = None, path: str = "") -> MethodCon
 register("lora", LoraConfig, LoraLinear)
 register("lora_ga", LoraGaConfig, LoraGaLinear)
 register("boft", BoftConfig, BoftLinear)
+register("hybrid", HybridConfig, HybridLinear)
 register("full", FullConfig, None)
