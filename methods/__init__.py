@@ -24,6 +24,7 @@ from .model import (
     unmerge_adapter,
 )
 from .registry import METHODS, Method, config_for, get_method, register
+from .unitary import UnitaryConfig, UnitaryLinear
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "METHODS", "AdapterLayer", "BoftConfig", "BoftLinear", "ConfigError",
@@ -31,4 +32,5 @@ __all__ = [
     "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "config_for",
     "count_parameters", "estimate_gradients", "get_method", "hf_loss", "load_adapter", "merge_adapter",
     "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",
+    "UnitaryConfig", "UnitaryLinear",
 ]

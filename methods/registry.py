@@ -16,6 +16,7 @@ from .full import FullConfig
 from .hybrid import HybridConfig, HybridLinear
 from .lora import LoraConfig, LoraLinear
 from .lora_ga import LoraGaConfig, LoraGaLinear
+from .unitary import UnitaryConfig, UnitaryLinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,5 +54,6 @@ def config_for(name: str, data: dict | None = None, path: str = "") -> MethodCon
 register("lora", LoraConfig, LoraLinear)
 register("lora_ga", LoraGaConfig, LoraGaLinear)
 register("boft", BoftConfig, BoftLinear)
+register("unitary", UnitaryConfig, UnitaryLinear)
 register("hybrid", HybridConfig, HybridLinear)
 register("full", FullConfig, None)
