@@ -204,9 +204,10 @@ class HybridLinear(BoftLinear):
         lam = g.ema * float(self.hybrid_gate_ema) + (1 - g.ema) * float(target)
         lam = min(max(lam, g.lambda_min), g.lambda_max)
         self.hybrid_gate_ema.fill_(lam)
-        effective = 1 - (1 - lam) * g.decay(step)
+        a = g.decay(step)
+        effective = lam if a == 1.0 else 1 - (1 - lam) * a
         self.hybrid_gate.fill_(effective)
-        self.gate_history.append((step, effective))
+        self.gate_history.append((step, float(self.hybrid_gate)))  # the value the forward uses
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, gate={float(self.hybrid_gate):.3f}"
