@@ -50,7 +50,8 @@ def from_dict(cls: type, data: Any, path: str = ""):
     except ConfigError as e:
         raise ConfigError(f"{path}.{e}" if path else str(e)) from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if path and msg.startswith(path + ".") else f"{where}: {msg}") from None
 
 
 @dataclasses.dataclass(frozen=True)

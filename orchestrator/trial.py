@@ -1,0 +1,84 @@
+"""The driver side of a trial: one Ray Train `TorchTrainer` run (Train V2) of DeepSpeed workers.
+
+    result = run_trial(cfg, storage_path="runs", name="boft-demo")    # standalone
+    trial_driver(config)                                               # the Tune trainable (sweeps)
+
+The workers run `orchestrator.worker.train_loop_per_worker`. Run names are derived, never
+timestamped, so that a restored run finds its folder again. Every report that reaches the driver
+is appended to `<storage>/<name>/reports.jsonl` as it arrives, so nothing reported is lost even if
+the run later fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from orchestrator.config import Target, TrialConfig, validate_trial
+from orchestrator.deepspeed_config import build_deepspeed_config
+
+REPORTS_FILE = "reports.jsonl"
+
+
+def _report_log_callback(path: str):
+    import ray.train
+
+    class ReportLog(ray.train.UserCallback):
+        """Runs in the Train controller: appends rank 0's metrics of every report."""
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as f:
+                row = dict(metrics[0], checkpoint=checkpoint.path if checkpoint is not None else None)
+                f.write(json.dumps(row, default=str) + "\n")
+
+    return ReportLog()
+
+
+def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str, callbacks=()):
+    """The TorchTrainer for one trial; validated config in, nothing launched yet."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.worker import train_loop_per_worker
+
+    res = cfg.resources
+    storage_path = os.path.abspath(os.path.expanduser(storage_path)) if "://" not in storage_path else storage_path
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        per_worker["GPU"] = res.gpus_per_worker
+    log = [_report_log_callback(os.path.join(storage_path, name, REPORTS_FILE))] if "://" not in storage_path else []
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": cfg.to_dict(), "target": dataclasses.asdict(target)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=target.metric,
+                checkpoint_score_order=target.mode,
+            ),
+            callbacks=[*log, *callbacks],
+        ),
+    )
+
+
+def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial") -> Any:
+    """Validate (before anything starts), then run one trial to completion; returns Ray's Result."""
+    target = validate_trial(cfg)
+    build_deepspeed_config(cfg)  # a bad DeepSpeed JSON fails here, not in a worker
+    return build_trainer(cfg, target, storage_path, name).fit()
+
+
+def read_reports(storage_path: str, name: str) -> list[dict[str, Any]]:
+    """Every report of a run, in order (from `reports.jsonl`)."""
+    path = os.path.join(os.path.abspath(storage_path), name, REPORTS_FILE)
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
