@@ -57,3 +57,22 @@ def logits(model, inputs) -> torch.Tensor:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session, with the dashboard: Ray needs its state API to free the
+    placement groups of stopped trials. Its own dashboard port, so a second Ray on the machine
+    doesn't confuse the cleanup."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
