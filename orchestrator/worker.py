@@ -198,6 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["tokens"] += int(tokens)
         if stop_reason is None:
             metrics.update(task.evaluate(engine, eval_batches))
+        else:  # diverged: the worst score, so that schedulers and summaries rank it last
+            metrics[target.metric] = float("-inf") if target.mode == "max" else float("inf")
         elapsed = time.time() - clock_start
         score = metrics.get(target.metric)
         if stop_reason is None and state["time_to_quality_s"] is None and score is not None and target.reached(score):

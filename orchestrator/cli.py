@@ -1,0 +1,149 @@
+"""`orchestrate`: validate | sweep | describe (| compare | ui, see their modules).
+
+Subcommands are plain functions; each returns the process exit code. Bad input exits 2 with every
+error listed, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from methods.config import ConfigError
+
+
+def _load(path: str):
+    from orchestrator.spec import load_sweep
+
+    return load_sweep(path)
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args.file)
+    plan = spec.plan() if spec.tune.search_alg != "optuna" else []
+    print(f"{args.file}: OK: {len(spec.methods)} method(s), "
+          f"{len(plan) if plan else spec.tune.num_samples} trial(s)")
+    return 0
+
+
+def smoke(spec):
+    """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs."""
+    r = dataclasses.replace
+    return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 4), eval_every=2),
+             data=r(spec.data, max_train_samples=64, max_eval_samples=32, max_length=min(spec.data.max_length, 64)),
+             tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]))
+
+
+def print_plan(spec) -> None:
+    from orchestrator.sweep import trial_name
+
+    r = spec.resources
+    print(f"sweep {spec.name}: target {spec.resolve_target()}")
+    print(f"resources per trial: {r.num_workers} worker(s) x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU); "
+          f"scheduler {spec.tune.scheduler}, search {spec.tune.search_alg}, seeds {list(spec.tune.seeds)}")
+    for method, entries in spec.methods.items():
+        print(f"  {method}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in entries.items()) or "defaults"))
+    if spec.tune.search_alg == "optuna":
+        print(f"{spec.tune.num_samples} trial(s) suggested by Optuna")
+        return
+    plan = spec.plan()
+    print(f"{len(plan)} trial(s):")
+    for t in plan:
+        print(f"  {trial_name(t['trial'], t['point'])}")
+
+
+def init_ray(address: str | None):
+    import socket
+
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return ray.init(address=address)
+    with socket.socket() as s:  # our own dashboard port: its state API frees stopped trials' resources
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+
+
+def cmd_sweep(args) -> int:
+    spec = _load(args.file)
+    if args.smoke_test:
+        spec = smoke(spec)
+    if args.dry_run:
+        print_plan(spec)
+        return 0
+    from orchestrator.progress import fmt, format_table
+    from orchestrator.sweep import run_sweep
+
+    init_ray(args.address)
+    results, summary = run_sweep(spec, resume=args.resume)
+    rows = [[m, b["name"], fmt(b["time_to_quality_s"], 3), fmt(b["peak_memory_mb"], 5), fmt(b["metric"])]
+            for m, b in sorted(summary["best"].items())]
+    t = summary["target"]
+    print(f"\nBest per method (target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}):")
+    print(format_table(rows, ["method", "best trial", "time_to_quality_s", "peak_memory_mb", t["metric"]]))
+    failed = [x for x in summary["trials"] if x["status"] == "ERROR"]
+    for x in failed:
+        print(f"FAILED {x['name']}: {x['error']}")
+    return 1 if failed and len(failed) == len(summary["trials"]) else 0
+
+
+def cmd_describe(args) -> int:
+    import methods
+
+    method = methods.get_method(args.method)
+    print(f"{args.method}: {(method.config_cls.__doc__ or '').strip().splitlines()[0]}")
+    defaults = _flat(method.config_cls().to_dict())
+    for key, help_text in method.config_cls.field_help().items():
+        print(f"  {key:32s} default {json.dumps(defaults.get(key))}  {help_text}")
+    return 0
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrate", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a sweep file without starting anything")
+    v.add_argument("file")
+    v.set_defaults(fn=cmd_validate)
+    s = sub.add_parser("sweep", help="run a sweep: Ray Tune over Ray Train + DeepSpeed trials")
+    s.add_argument("file")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--smoke-test", action="store_true", help="shrink steps, data and samples to a quick end-to-end run")
+    s.set_defaults(fn=cmd_sweep)
+    d = sub.add_parser("describe", help="a method's hyperparameters, defaults and meaning")
+    d.add_argument("method")
+    d.set_defaults(fn=cmd_describe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with `orchestrate sweep FILE --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`orchestrate sweep FILE`: Ray Tune over Ray Train trials (Train V2: each Tune trial is a function
+that launches a TorchTrainer, `trial_driver`).
+
+    run_sweep(spec)  ->  Tuner(with_resources(trial_driver, {"CPU": 0.01}), param_space=plan)
+                         -> trial_driver(config)  ->  TorchTrainer(train_loop_per_worker).fit()
+
+Random and grid sweeps are expanded into concrete trials by `SweepSpec.plan()` (the same file
+always gives the same plan, which `--dry-run` prints) and handed to Tune as one grid; Optuna gets
+Tune samplers. The sweep driver holds a token CPU; the Train workers hold the real resources, so
+concurrency is capped at what the cluster can host (a driver waiting for workers that can never
+be scheduled would wait forever).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+from orchestrator.config import Target, TrialConfig
+from orchestrator.spec import SweepSpec
+
+DRIVER_RESOURCES = {"CPU": 0.01}
+SUMMARY_FILE = "summary.json"
+
+
+def trial_driver(config: dict[str, Any]) -> None:
+    """The Tune trainable: one Ray Train run whose reports flow back to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.trial import build_trainer
+
+    cfg = TrialConfig.from_dict(config["run"]["trial"])
+    target = Target(**config["target"])
+    name = f"{config['sweep']}-{tune.get_context().get_trial_id()}"  # deterministic: restore finds it
+    trainer = build_trainer(cfg, target, os.path.join(config["storage"], "trials"), name,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None) -> str:
+    """hybrid-r8-m2-tau0.5-seed1: method, the point's values (short keys), seed."""
+    method = trial_config["method"]["name"]
+    parts = [method]
+    for key, value in sorted((point or {}).items()):
+        short = {"lora_ga.lora.r": "r", "r": "r", "n_butterfly_factor": "m", "boft.n_butterfly_factor": "m",
+                 "block_size": "b", "boft.block_size": "b", "gate.tau": "tau", "train.lr": "lr"}.get(key, key.split(".")[-1])
+        parts.append(f"{short}{value:.3g}" if isinstance(value, float) else f"{short}{value}")
+    parts.append(f"seed{trial_config['train']['seed']}")
+    return "-".join(parts)
+
+
+def max_concurrent(spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """Trials whose worker groups fit at once in the cluster's CPUs and GPUs (at least 1)."""
+    r = spec.resources
+    fits = [math.floor((cluster.get("CPU", 0) - 0.05) / (r.num_workers * r.cpus_per_worker) + 1e-9)]
+    if r.gpus_per_worker:
+        fits.append(math.floor(cluster.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
+    n = max(1, min(fits))
+    return min(n, spec.tune.max_concurrent_trials) if spec.tune.max_concurrent_trials else n
+
+
+def _param_space(spec: SweepSpec, target: Target) -> dict[str, Any]:
+    from ray import tune
+
+    from orchestrator import space
+
+    common = {"sweep": spec.name, "storage": storage_path(spec), "target": dataclasses.asdict(target)}
+    if spec.tune.search_alg == "optuna":
+        (method, entries), = spec.methods.items()
+        point = {k: space.to_tune(v) for k, v in entries.items()}
+        return {**common, "run": {"name": None, "trial": spec.trial_dict(method, point, spec.tune.seeds[0])}}
+    runs = [{"name": trial_name(t["trial"], t["point"]), "trial": t["trial"]} for t in spec.plan()]
+    return {**common, "run": tune.grid_search(runs)}
+
+
+def storage_path(spec: SweepSpec) -> str:
+    return spec.storage if "://" in spec.storage else os.path.abspath(os.path.expanduser(spec.storage))
+
+
+def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = False):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = spec.tune
+    scheduler = FIFOScheduler()
+    if t.scheduler == "asha":
+        reports = max(1, math.ceil(spec.train.max_steps / spec.train.eval_every))
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=t.grace_period,
+                                  reduction_factor=t.reduction_factor)
+    search_alg = None
+    if t.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=t.seeds[0])
+    trainable = tune.with_resources(trial_driver, DRIVER_RESOURCES)
+    path = os.path.join(storage_path(spec), spec.name)
+    if resume:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+
+    def name_creator(trial) -> str:
+        return trial.config["run"]["name"] or trial_name(trial.config["run"]["trial"])
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(spec, target),
+        tune_config=tune.TuneConfig(
+            metric=target.metric, mode=target.mode, scheduler=scheduler, search_alg=search_alg,
+            num_samples=t.num_samples if t.search_alg == "optuna" else 1,
+            max_concurrent_trials=max_concurrent(spec, ray.cluster_resources()),
+            time_budget_s=t.time_budget_s, trial_name_creator=name_creator,
+            trial_dirname_creator=lambda trial: f"{name_creator(trial)}-{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(spec), callbacks=list(callbacks),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+    )
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False):
+    """Run (or resume) the sweep; returns Tune's ResultGrid. Ray must be initialised."""
+    from orchestrator.progress import LiveTable
+
+    target = spec.resolve_target()
+    live = [] if quiet else [LiveTable(target)]
+    tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume)
+    started = time.time()
+    results = tuner.fit()
+    summary = summarize(results, target)
+    summary["wall_s"] = time.time() - started
+    if "://" not in spec.storage:
+        with open(os.path.join(storage_path(spec), spec.name, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return results, summary
+
+
+def stop_reason(result) -> str:
+    """target_reached | budget | diverged (the trial says so) | early_stopped (ASHA) | error."""
+    if result.error is not None:
+        return "error"
+    m = result.metrics or {}
+    return m.get("stop_reason") or "early_stopped"
+
+
+def summarize(results, target: Target) -> dict[str, Any]:
+    """Per trial: status and final metrics; per method: the best configuration (target reached
+    soonest, else the best final metric)."""
+    trials = []
+    for r in results:
+        m = r.metrics or {}
+        trials.append({
+            "trial_id": m.get("trial_id") or os.path.basename(r.path or ""),
+            "name": r.config["run"]["name"], "method": r.config["run"]["trial"]["method"]["name"],
+            "config": r.config["run"]["trial"],
+            "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r),
+            "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
+            "step": m.get("step"), "metric": m.get(target.metric), "time_to_quality_s": m.get("time_to_quality_s"),
+            "peak_memory_mb": m.get("peak_memory_mb"), "trainable_params": m.get("trainable_params"),
+            "elapsed_s": m.get("elapsed_s"),
+        })
+    best: dict[str, dict[str, Any]] = {}
+    sign = 1 if target.mode == "max" else -1
+    for t in trials:
+        if t["metric"] is None or t["status"] == "ERROR":
+            continue
+        key = (t["time_to_quality_s"] is not None, -(t["time_to_quality_s"] or 0), sign * t["metric"])
+        if t["method"] not in best or key > best[t["method"]]["_key"]:
+            best[t["method"]] = {**t, "_key": key}
+    for b in best.values():
+        b.pop("_key")
+    return {"target": dataclasses.asdict(target), "trials": trials, "best": best}
