@@ -55,19 +55,19 @@ def print_plan(spec) -> None:
         print(f"  {trial_name(t['trial'], t['point'])}")
 
 
-def init_ray(address: str | None):
+def init_ray(address: str | None, verbose: bool = False):
     import socket
 
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address)
+        return ray.init(address=address, log_to_driver=verbose)
     with socket.socket() as s:  # our own dashboard port: its state API frees stopped trials' resources
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose)
 
 
 def cmd_sweep(args) -> int:
@@ -80,7 +80,7 @@ def cmd_sweep(args) -> int:
     from orchestrator.progress import fmt, format_table
     from orchestrator.sweep import run_sweep
 
-    init_ray(args.address)
+    init_ray(args.address, args.verbose)
     results, summary = run_sweep(spec, resume=args.resume)
     rows = [[m, b["name"], fmt(b["time_to_quality_s"], 3), fmt(b["peak_memory_mb"], 5), fmt(b["metric"])]
             for m, b in sorted(summary["best"].items())]
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--verbose", action="store_true", help="stream the workers' logs (default: the live table only)")
     s.add_argument("--smoke-test", action="store_true", help="shrink steps, data and samples to a quick end-to-end run")
     s.set_defaults(fn=cmd_sweep)
     d = sub.add_parser("describe", help="a method's hyperparameters, defaults and meaning")

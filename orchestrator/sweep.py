@@ -129,12 +129,21 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume)
     started = time.time()
     results = tuner.fit()
+    if interrupted(results, spec):  # Ctrl-C: Tune saved its state; no summary of a partial sweep
+        raise KeyboardInterrupt
     summary = summarize(results, target)
     summary["wall_s"] = time.time() - started
     if "://" not in spec.storage:
         with open(os.path.join(storage_path(spec), spec.name, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return results, summary
+
+
+def interrupted(results, spec: SweepSpec) -> bool:
+    """True if some planned trial never ran or is not in a final state (Tune was stopped)."""
+    planned = spec.tune.num_samples if spec.tune.search_alg == "optuna" else len(spec.plan())
+    trials = results._experiment_analysis.trials  # Tune's own trial objects, with their status
+    return len(trials) < planned or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def stop_reason(result) -> str:
