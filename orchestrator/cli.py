@@ -72,6 +72,8 @@ def init_ray(address: str | None, verbose: bool = False):
 
 def cmd_sweep(args) -> int:
     spec = _load(args.file)
+    if args.storage:
+        spec = dataclasses.replace(spec, storage=args.storage)
     if args.smoke_test:
         spec = smoke(spec)
     if args.dry_run:
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--storage", help="override the file's storage folder or URI (s3://, gs://)")
     s.add_argument("--verbose", action="store_true", help="stream the workers' logs (default: the live table only)")
     s.add_argument("--smoke-test", action="store_true", help="shrink steps, data and samples to a quick end-to-end run")
     s.set_defaults(fn=cmd_sweep)

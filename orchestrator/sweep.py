@@ -57,7 +57,8 @@ def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None
 def max_concurrent(spec: SweepSpec, cluster: dict[str, float]) -> int:
     """Trials whose worker groups fit at once in the cluster's CPUs and GPUs (at least 1)."""
     r = spec.resources
-    fits = [math.floor((cluster.get("CPU", 0) - 0.05) / (r.num_workers * r.cpus_per_worker) + 1e-9)]
+    per_trial_cpu = r.num_workers * r.cpus_per_worker + DRIVER_RESOURCES["CPU"]
+    fits = [math.floor(cluster.get("CPU", 0) / per_trial_cpu + 1e-9)]
     if r.gpus_per_worker:
         fits.append(math.floor(cluster.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
     n = max(1, min(fits))

@@ -1,0 +1,164 @@
+"""Sweep files: the shipped ones validate; malformed ones give clear errors (file, line, key path),
+never a traceback; the plan is deterministic."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from methods.config import ConfigError
+from orchestrator import space
+from orchestrator.cli import main
+from orchestrator.spec import SweepFileError, load_sweep
+from orchestrator.sweep import max_concurrent, trial_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "search_spaces", "*.yaml")))
+
+GOOD = {
+    "name": "t",
+    "data": {"name": "bbc_news"},
+    "methods": {"lora": {"r": {"choice": [4, 8]}, "train.lr": {"loguniform": [1.0e-4, 1.0e-3]}},
+                "hybrid": {"gate": {"tau": {"grid": [0.5, 1.0]}}, "boft.n_butterfly_factor": 2}},
+    "tune": {"num_samples": 2, "seeds": [0, 1, 2]},
+}
+
+
+def write(tmp_path, spec) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def test_shipped_files_exist_and_validate():
+    names = {os.path.basename(p) for p in SHIPPED}
+    assert {"quickstart.yaml", "hybrid.yaml", "compare.yaml", "lora.yaml", "lora_ga.yaml", "boft.yaml",
+            "unitary.yaml", "full.yaml"} <= names
+    for path in SHIPPED:
+        spec = load_sweep(path)
+        assert spec.plan(), path
+    compare = load_sweep(os.path.join(ROOT, "search_spaces", "compare.yaml"))
+    assert set(compare.methods) == {"full", "lora", "lora_ga", "boft", "unitary", "hybrid"}
+    assert len(compare.tune.seeds) == 3
+
+
+def test_plan_is_deterministic_and_per_method(tmp_path):
+    spec = load_sweep(write(tmp_path, GOOD))
+    plan = spec.plan()
+    assert plan == load_sweep(write(tmp_path, GOOD)).plan()
+    lora = [t for t in plan if t["method"] == "lora"]
+    hybrid = [t for t in plan if t["method"] == "hybrid"]
+    assert len(lora) == 2 * 3 and len(hybrid) == 2 * 3  # samples x seeds; grid(2) x seeds, no random entry
+    assert {t["point"]["gate.tau"] for t in hybrid} == {0.5, 1.0}
+    t = hybrid[0]["trial"]
+    assert t["method"]["config"] == {"gate": {"tau": 0.5}, "boft": {"n_butterfly_factor": 2}}
+    assert all(1e-4 <= x["trial"]["train"]["lr"] <= 1e-3 for x in lora)
+    assert "r" not in hybrid[0]["trial"]["method"]["config"]
+    assert trial_name(hybrid[0]["trial"], hybrid[0]["point"]) == "hybrid-m2-tau0.5-seed0"
+
+
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        ({"data": {"name": "bbc_news", "max_lenght": 64}}, r"line 4: data\.max_lenght: unknown key"),
+        ({"tune": {"scheduler": "hyperband"}}, r"tune\.scheduler='hyperband': must be one of 'fifo', 'asha'"),
+        ({"methods": {"dora": {}}}, r"methods\.dora: unknown method"),
+        ({"methods": {"lora": {"r": {"logunifrm": [1, 2]}}}}, r"methods\.lora\.r: unknown distribution 'logunifrm'"),
+        ({"methods": {"lora": {"r": {"choice": [0, 8]}}}}, r"methods\.lora\.r=0: must be an integer >= 1"),
+        ({"methods": {"lora": {"rank": 8}}}, r"methods\.lora\.rank: unknown key for LoraConfig"),
+        ({"methods": {"lora": {"train.lr": {"loguniform": [0, 1]}}}}, r"loguniform: expected \[low, high\] with 0 < low"),
+        ({"methods": {"boft": {"train.batch_size": 7}}}, r"methods\.boft\.train\.batch_size=7: must be divisible"),
+        ({"target": {"metric": "f1"}}, r"target\.metric='f1': task 'bbc_news' reports"),
+        ({"resources": {"num_workers": 0}}, r"resources\.num_workers=0"),
+        ({"colour": "blue"}, r"colour: unknown section"),
+        ({"tune": {"search_alg": "optuna"}}, r"search_alg='optuna': needs one method"),
+    ],
+)
+def test_errors_name_file_line_key_and_expectation(tmp_path, patch, message):
+    spec = {**GOOD, **patch}
+    with pytest.raises(SweepFileError, match=message) as e:
+        load_sweep(write(tmp_path, spec))
+    assert str(e.value).startswith(str(tmp_path / "s.yaml"))
+
+
+def test_every_error_reported_at_once(tmp_path):
+    spec = {**GOOD, "data": {"name": "bbc_news", "max_lenght": 1}, "tune": {"scheduler": "x"},
+            "methods": {"dora": {}}}
+    with pytest.raises(SweepFileError) as e:
+        load_sweep(write(tmp_path, spec))
+    assert len(e.value.errors) == 3
+
+
+def test_cli_validate_exits_nonzero_before_ray(tmp_path, capsys):
+    import ray
+
+    assert main(["validate", write(tmp_path, {**GOOD, "tune": {"seeds": []}})]) == 2
+    assert "tune.seeds=[]" in capsys.readouterr().err
+    assert main(["validate", write(tmp_path, "name: [unclosed")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["sweep", write(tmp_path, {**GOOD, "methods": {"dora": {}}})]) == 2
+    assert not ray.is_initialized()
+    assert main(["validate", write(tmp_path, GOOD)]) == 0
+    assert main(["sweep", write(tmp_path, GOOD), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "12 trial(s)" in out and "hybrid-m2-tau1-seed2" in out
+    assert main(["describe", "hybrid"]) == 0
+    assert "gate.tau" in capsys.readouterr().out
+
+
+def test_concurrency_follows_resources(tmp_path):
+    spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 2, "cpus_per_worker": 0.49}}))
+    assert max_concurrent(spec, {"CPU": 2.0}) == 2
+    spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 2, "cpus_per_worker": 1}}))
+    assert max_concurrent(spec, {"CPU": 2.0}) == 1
+    spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 8, "cpus_per_worker": 4, "gpus_per_worker": 1}}))
+    assert max_concurrent(spec, {"CPU": 96.0, "GPU": 16.0}) == 2
+    spec = load_sweep(write(tmp_path, {**GOOD, "tune": {"max_concurrent_trials": 1}}))
+    assert max_concurrent(spec, {"CPU": 64.0}) == 1
+
+
+def test_distribution_corners_cover_extremes():
+    corners = space.corners({"a": {"randint": [2, 5]}, "b": {"choice": ["x", "y"]}, "c": 1})
+    assert {(c["a"], c["b"]) for c in corners} == {(2, "x"), (2, "y"), (4, "x"), (4, "y")}
+
+
+# --- property tests: any malformed file -> a clear error, never a traceback --------------------
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 10), st.floats(-1, 1e3, allow_nan=False),
+                         st.text(max_size=8))
+yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=10), inner, max_size=3)), max_leaves=8)
+sections = st.sampled_from(["name", "data", "methods", "tune", "train", "target", "resources", "deepspeed",
+                            "model", "tracking", "storage", "bogus"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(sections, yaml_values, max_size=6))
+def test_random_structures_never_traceback(tmp_path, doc):
+    try:
+        load_sweep(write(tmp_path, yaml.safe_dump(doc)), validate_data=False)
+    except ConfigError as e:
+        assert str(e).startswith(str(tmp_path))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(GOOD)), st.text(max_size=3) | yaml_values)
+def test_one_bad_value_in_a_good_file(tmp_path, section, value):
+    try:
+        load_sweep(write(tmp_path, {**GOOD, section: value}), validate_data=False)
+    except ConfigError as e:
+        assert str(e).startswith(str(tmp_path)) and "\n" not in str(e).split(": ", 1)[0]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_tracebacks(tmp_path, text):
+    try:
+        load_sweep(write(tmp_path, text), validate_data=False)
+    except ConfigError:
+        pass
