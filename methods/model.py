@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import AdapterLayer, adapter_layers, find_targets, replace_module
@@ -160,9 +160,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         json.dump(meta, f, indent=2)
     path = os.path.join(directory, WEIGHTS_NAME)
     if get_method(cfg.method).layer_cls is None:
-        save_model(model, path)  # handles tied weights
+        save_file(_full_state_dict(model), path, metadata={"method": cfg.method})
     else:
         save_file(adapter_state_dict(model), path, metadata={"method": cfg.method})
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter once (tied weights under their first name) and the persistent buffers, as
+    fresh contiguous tensors: under DeepSpeed the live ones are views into flat buffers."""
+    out = {name: p.detach().clone().contiguous() for name, p in model.named_parameters()}
+    persistent = {n for n, _ in model.state_dict(keep_vars=True).items()}
+    out.update({n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n in persistent})
+    return out
+
+
+def _load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
+    untied_missing = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in loaded]
+    if untied_missing or result.unexpected_keys:
+        raise ValueError(f"{path}: does not fit this model (missing {untied_missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]})")
 
 
 def _read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -185,7 +203,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     cfg = config_for(meta["method"], meta["config"])
     path = os.path.join(directory, WEIGHTS_NAME)
     if get_method(cfg.method).layer_cls is None:
-        load_model(model, path)
+        _load_full_state_dict(model, load_file(path), path)
         return _attach(model, cfg)
     _attach(model, cfg, modules_to_save=meta.get("modules_to_save", ()))
     state = load_file(path)

@@ -222,6 +222,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gates = methods.gate_values(engine.module)
         if gates:
             metrics["gates"] = gates
+            # Every rank must hold the same gates (they come from reduced gradients): checked, not assumed.
+            values = list(gates.values())
+            high = all_reduce(values, op="max")
+            low = all_reduce([-v for v in values], op="max")
+            metrics["gate_rank_spread"] = max(h + lo for h, lo in zip(high, low))
         reports_since_checkpoint += 1
         due = cfg.train.checkpoint_every and reports_since_checkpoint >= cfg.train.checkpoint_every
         if due or stop_reason is not None:

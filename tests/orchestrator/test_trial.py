@@ -118,3 +118,29 @@ def test_bad_settings_fail_before_any_worker(tmp_path):
         with pytest.raises((ConfigError, ValueError), match=match):
             run_trial(trial_config(**overrides), str(tmp_path), "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_hybrid_gates_reported_and_identical_across_ranks_under_zero2(ray_session, tmp_path):
+    cfg = trial_config(method={"name": "hybrid", "config": {"lora_ga": {"lora": {"r": 4}, "batches": 2},
+                                                             "gate": {"update_every": 1}}},
+                       train={"max_steps": 6, "eval_every": 3})
+    run_trial(cfg, str(tmp_path), "hybrid")
+    reports = read_reports(str(tmp_path), "hybrid")
+    assert [r["step"] for r in reports] == [3, 6]
+    gates = reports[-1]["gates"]
+    assert len(gates) == 12  # query and value in 6 MiniLM layers
+    assert all(0.05 <= v <= 0.95 for v in gates.values())
+    assert reports[0]["gates"] != gates, "the gate should move between reports"
+    assert all(r["gate_rank_spread"] == 0.0 for r in reports)
+
+
+def test_divergence_ends_the_trial_with_a_reason(ray_session, tmp_path):
+    # Full fine-tuning at lr 1e6: embeddings and LayerNorms blow up to inf, the loss to NaN.
+    cfg = trial_config(method={"name": "full", "config": {}},
+                       train={"lr": 1e6, "lr_schedule": "constant", "warmup_steps": 0, "max_steps": 30,
+                              "eval_every": 50})
+    result = run_trial(cfg, str(tmp_path), "diverge")
+    assert result.error is None
+    (last,) = read_reports(str(tmp_path), "diverge")
+    assert last["stop_reason"] == "diverged" and last["done"] and last["step"] < 30
+    assert last["eval_loss"] == float("inf")  # the worst score, so that schedulers rank it last
