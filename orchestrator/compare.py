@@ -35,7 +35,8 @@ RATIOS = {"time_to_quality_s": "ttq_vs_full", "peak_memory_mb": "memory_vs_full"
 
 
 def _num(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
+    """A finite number or None: MLflow stores a diverged trial's +-inf as +-1.8e308."""
+    return float(x) if x is not None and abs(float(x)) < 1e300 else None
 
 
 def _parent_run(client, experiment_id: str, parent_run_id: str | None):
@@ -61,7 +62,8 @@ def _trial_row(client, run, target: dict) -> dict[str, Any]:
 def _curve(client, run_id: str, metric: str) -> dict[str, list]:
     """The metric against wall-clock time (elapsed_s), joined on the report's step."""
     clock = {h.step: h.value for h in client.get_metric_history(run_id, "elapsed_s")}
-    points = sorted((clock[h.step], h.value) for h in client.get_metric_history(run_id, metric) if h.step in clock)
+    points = sorted((clock[h.step], h.value) for h in client.get_metric_history(run_id, metric)
+                    if h.step in clock and _num(h.value) is not None)
     return {"elapsed_s": [p[0] for p in points], metric: [p[1] for p in points]}
 
 
@@ -199,13 +201,16 @@ def pareto_front(points: list[tuple[float, float]], mode: str) -> list[tuple[flo
 
 def plot_pareto(report: dict, path: str) -> None:
     fig, ax = _figure()
-    colors, ok = _colors(report), [t for t in report["trials"] if t["peak_memory_mb"] is not None and t["final_metric"] is not None]
+    """Final quality against peak memory per finished trial; the front joins the undominated ones."""
+    ok = [t for t in report["trials"] if not t["failed"] and None not in (t["peak_memory_mb"], t["final_metric"])]
+    colors = _colors(report)
     for m in sorted({t["method"] for t in ok}):
         pts = [t for t in ok if t["method"] == m]
         ax.scatter([t["peak_memory_mb"] for t in pts], [t["final_metric"] for t in pts], color=colors[m], label=m)
     front = pareto_front([(t["peak_memory_mb"], t["final_metric"]) for t in ok], report["target"]["mode"])
     if front:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k-", drawstyle="steps-post", label="Pareto front")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k-", drawstyle="steps-post", marker="o",
+                markerfacecolor="none", markersize=12, label="Pareto front")
     ax.axhline(report["target"]["value"], color="grey", linestyle="--", label="target")
     ax.set(xlabel="peak memory (MB)", ylabel=report["target"]["metric"], title="quality vs peak memory")
     ax.legend()
@@ -227,11 +232,11 @@ def plot_gates(gates: dict, path: str) -> None:
     fig.savefig(path)
 
 
-def write_report(report: dict, out_dir: str, uri: str | None = None, stream=sys.stdout) -> dict[str, str]:
+def write_report(report: dict, out_dir: str, uri: str | None = None, stream=None) -> dict[str, str]:
     """Print the table; write compare.csv / trials.csv / compare.json and the PNGs to out_dir;
     with `uri`, also log them to the sweep's parent run under `report/`. Returns name -> path."""
     os.makedirs(out_dir, exist_ok=True)
-    print(table(report), file=stream, flush=True)
+    print(table(report), file=stream or sys.stdout, flush=True)
     files = {name: os.path.join(out_dir, name) for name in ("compare.csv", "trials.csv", "compare.json", "curves.png", "pareto.png")}
     columns = ["method", "config", "seeds", "reached", "failed", "time_to_quality_s", "ttq_min", "ttq_max", "ttq_q1",
                "ttq_q3", *STATS[1:], *RATIOS.values()]

@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -110,9 +110,9 @@ def report_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def final_metrics(last: dict[str, Any], target: dict) -> dict[str, float]:
-    """Whole-trial numbers: the final target metric and throughput over the whole run."""
+    """Whole-trial numbers: the final target metric (not a diverged +-inf) and throughput."""
     out = {}
-    if isinstance(last.get(target["metric"]), (int, float)):
+    if isinstance(last.get(target["metric"]), (int, float)) and math.isfinite(last[target["metric"]]):
         out["final_metric"] = float(last[target["metric"]])
     if last.get("elapsed_s"):
         for what in ("samples", "tokens"):
@@ -156,6 +156,9 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as r:
                 json.load(r)
+        except urllib.error.HTTPError as e:
+            if e.code not in (401, 403):  # a server that wants credentials does answer
+                raise ConfigError(f"tracking.uri={uri}: not an MLflow server (HTTP {e.code} from {url})") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise ConfigError(f"tracking.uri={uri}: no MLflow server answers there ({reason}); start one "
@@ -360,8 +363,10 @@ class MlflowTracker(Callback):
     def _submit(self, fn, *args) -> None:
         if self._thread is None or not self._thread.is_alive():
             # Fail fast instead of MLflow's default (7 retries, 120 s each): the thread stays current.
+            # And no "View run ... at" lines per trial in the middle of the live table.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
             self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
             self._thread.start()
         self._queue.put((fn, args))
@@ -520,7 +525,7 @@ def sync_from_storage(path: str, uri: str, experiment: str | None = None) -> dic
     trials = stored_trials(sweep_dir, summary, sweep) if os.path.isdir(sweep_dir) else []
     if not trials:
         raise ConfigError(f"{path}: no Tune trial folders (result.json, params.json) or summary.json there")
-    target = summary.get("target") or _target_from_reports(trials)
+    target = summary.get("target") or _stored_target(trials)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, experiment or sweep)
     parent, parent_status = _sync_parent(client, experiment_id, sweep, target)
@@ -549,8 +554,14 @@ def sync_from_storage(path: str, uri: str, experiment: str | None = None) -> dic
     return counts
 
 
-def _target_from_reports(trials: list[dict]) -> dict:
-    last = next(t["reports"][-1] for t in trials if t["reports"])
+def _stored_target(trials: list[dict]) -> dict:
+    """The target without summary.json: the sweep's Tune config carries it, reports name it."""
+    for t in trials:
+        if isinstance(t["config"].get("target"), dict) and "mode" in t["config"]["target"]:
+            return t["config"]["target"]
+    last = next((t["reports"][-1] for t in trials if t["reports"] and "target_metric" in t["reports"][-1]), None)
+    if last is None:
+        raise ConfigError("sync: cannot tell the target metric (no summary.json, config or report names it)")
     metric = last["target_metric"]
     return {"metric": metric, "mode": "min" if "loss" in metric else "max", "value": last["target"]}
 

@@ -380,3 +380,19 @@ def test_sync_completes_a_partly_logged_sweep(logged_sweep, tmp_path):
         steps = [h["step"] for h in history(url, r["info"]["run_id"], "elapsed_s")]
         assert sorted(steps) == [x["step"] for x in run["expected"][r["info"]["run_name"]]["reports"]]
     assert api(url, "runs/get", run_id=parent)["run"]["info"]["status"] == "FINISHED"
+
+
+def test_storage_trial_that_failed_before_reporting(tmp_path):
+    """No result.json, and summary.json ids it by its folder (Result.metrics is empty): the real
+    trial id comes from the folder name, the error from Tune's error.txt."""
+    folder = tmp_path / "demo" / "lora-r8-seed0-abcde_00003"
+    folder.mkdir(parents=True)
+    config = {"sweep": "demo", "target": {"metric": "accuracy", "mode": "max", "value": 0.8},
+              "run": {"name": "lora-r8-seed0", "trial": trial_dict("lora", {"r": 8})}}
+    (folder / "params.json").write_text(json.dumps(config))
+    (folder / "error.txt").write_text("Failure # 1\nRuntimeError: placement group timed out\n")
+    summary = {"trials": [{"trial_id": folder.name, "name": "lora-r8-seed0", "status": "ERROR", "stop_reason": "error",
+                           "error": "RuntimeError: placement group timed out", "config": config["run"]["trial"]}]}
+    (t,) = tracking.stored_trials(str(tmp_path / "demo"), summary, "demo")
+    assert (t["trial_id"], t["reports"], t["row"]["status"]) == ("abcde_00003", [], "ERROR")
+    assert "placement group timed out" in t["error"]
