@@ -1,4 +1,4 @@
-"""`orchestrate`: validate | sweep | describe (| compare | ui, see their modules).
+"""`orchestrate`: validate | sweep | compare | sync | ui | describe.
 
 Subcommands are plain functions; each returns the process exit code. Bad input exits 2 with every
 error listed, before Ray starts.
@@ -82,6 +82,9 @@ def cmd_sweep(args) -> int:
     from orchestrator.progress import fmt, format_table
     from orchestrator.sweep import run_sweep
 
+    from orchestrator import tracking
+
+    tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
     init_ray(args.address, args.verbose)
     results, summary = run_sweep(spec, resume=args.resume)
     rows = [[m, b["name"], fmt(b["time_to_quality_s"], 3), fmt(b["peak_memory_mb"], 5), fmt(b["metric"])]
@@ -93,6 +96,39 @@ def cmd_sweep(args) -> int:
     for x in failed:
         print(f"FAILED {x['name']}: {x['error']}")
     return 1 if failed and len(failed) == len(summary["trials"]) else 0
+
+
+def cmd_compare(args) -> int:
+    from orchestrator import tracking
+    from orchestrator.compare import compare, write_report
+    from orchestrator.sweep import storage_path
+
+    spec = _load(args.file)
+    uri = tracking.tracking_uri(spec)
+    tracking.check_tracking_uri(uri)
+    out = args.out or os.path.join(storage_path(spec), spec.name, "report")
+    write_report(compare(uri, tracking.experiment_name(spec), args.parent), out, uri=uri)
+    print(f"report written to {out} and to the sweep's MLflow parent run")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from orchestrator import tracking
+    from orchestrator.sweep import storage_path
+
+    spec = _load(args.file)
+    uri = tracking.tracking_uri(spec)
+    tracking.check_tracking_uri(uri)
+    counts = tracking.sync_from_storage(os.path.join(storage_path(spec), spec.name), uri, tracking.experiment_name(spec))
+    print(f"synced {counts['trials']} trial(s) to {uri}: {counts['created']} run(s) created, "
+          f"{counts['reports_logged']} report(s) logged")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from orchestrator import tracking
+
+    return tracking.serve_ui(tracking.tracking_uri(_load(args.file)), args.port)
 
 
 def cmd_describe(args) -> int:
@@ -131,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", action="store_true", help="stream the workers' logs (default: the live table only)")
     s.add_argument("--smoke-test", action="store_true", help="shrink steps, data and samples to a quick end-to-end run")
     s.set_defaults(fn=cmd_sweep)
+    c = sub.add_parser("compare", help="per-method table, ratios to full fine-tuning, plots (from MLflow)")
+    c.add_argument("file")
+    c.add_argument("--parent", help="MLflow parent run id (default: the latest sweep run)")
+    c.add_argument("--out", help="folder for the CSV/JSON/PNG files (default: <storage>/<name>/report)")
+    c.set_defaults(fn=cmd_compare)
+    y = sub.add_parser("sync", help="write results kept in Ray's storage to MLflow (idempotent)")
+    y.add_argument("file")
+    y.set_defaults(fn=cmd_sync)
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the sweep's tracking store")
+    u.add_argument("file")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(fn=cmd_ui)
     d = sub.add_parser("describe", help="a method's hyperparameters, defaults and meaning")
     d.add_argument("method")
     d.set_defaults(fn=cmd_describe)

@@ -24,8 +24,8 @@ def fmt(value, digits: int = 4) -> str:
 
 
 class LiveTable(Callback):
-    def __init__(self, target: Target, every_s: float = 10.0, stream=sys.stdout):
-        self.target, self.every_s, self.stream = target, every_s, stream
+    def __init__(self, target: Target, every_s: float = 10.0):
+        self.target, self.every_s = target, every_s  # no stream attribute: Tune pickles callbacks
         self.last: dict[str, dict] = {}
         self.printed = 0.0
 
@@ -42,8 +42,8 @@ class LiveTable(Callback):
         header = ["trial", "status", "method", "step", self.target.metric, "ttq_s", "peak_mb", "stop"]
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         print(f"\n== {done}/{len(trials)} trials done; target {self.target.metric} "
-              f"{'>=' if self.target.mode == 'max' else '<='} {self.target.value}", file=self.stream)
-        print(format_table([self._row(t) for t in trials], header), file=self.stream, flush=True)
+              f"{'>=' if self.target.mode == 'max' else '<='} {self.target.value}", file=sys.stdout)
+        print(format_table([self._row(t) for t in trials], header), file=sys.stdout, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result

@@ -121,15 +121,31 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
     )
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False):
-    """Run (or resume) the sweep; returns Tune's ResultGrid. Ray must be initialised."""
+def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False, track: bool = True):
+    """Run (or resume) the sweep; returns (Tune's ResultGrid, summary). Ray must be initialised.
+
+    With `track`, an MLflow parent run is opened first (a resumed sweep keeps its own: the tracker
+    is restored from Tune's state), every trial becomes a child run, and the comparison report
+    is written at the end."""
+    from orchestrator import tracking
     from orchestrator.progress import LiveTable
 
     target = spec.resolve_target()
     live = [] if quiet else [LiveTable(target)]
+    uri, parent = tracking.tracking_uri(spec), None
+    if track and not resume:
+        tracking.check_tracking_uri(uri)
+        plan = spec.plan() if spec.tune.search_alg != "optuna" else None
+        parent = tracking.start_parent_run(spec, plan, uri, target)
+        live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
     tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume)
     started = time.time()
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except BaseException:
+        if parent:
+            tracking.finish_parent_run(uri, parent, None, status="FAILED")
+        raise
     if interrupted(results, spec):  # Ctrl-C: Tune saved its state; no summary of a partial sweep
         raise KeyboardInterrupt
     summary = summarize(results, target)
@@ -137,7 +153,25 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     if "://" not in spec.storage:
         with open(os.path.join(storage_path(spec), spec.name, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=str)
+    if track:
+        report_to_mlflow(spec, uri, parent, summary)
     return results, summary
+
+
+def report_to_mlflow(spec: SweepSpec, uri: str, parent: str | None, summary: dict) -> None:
+    """Close the parent run and attach the comparison; a report problem never fails a finished sweep."""
+    import warnings
+
+    from orchestrator import tracking
+    from orchestrator.compare import compare, write_report
+
+    try:
+        if parent:
+            tracking.finish_parent_run(uri, parent, summary)
+        report = compare(uri, tracking.experiment_name(spec), parent)
+        write_report(report, os.path.join(storage_path(spec), spec.name, "report"), uri=uri)
+    except Exception as e:  # noqa: BLE001 - the results are safe in storage; `orchestrate sync` retries
+        warnings.warn(f"MLflow report failed ({e}); results are in {storage_path(spec)}; run `orchestrate sync`")
 
 
 def interrupted(results, spec: SweepSpec) -> bool:

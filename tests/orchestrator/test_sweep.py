@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import load_sweep
+from orchestrator.spec import TrackingSettings, load_sweep
 from orchestrator.sweep import run_sweep
+from tests.orchestrator.test_tracking import artifacts, experiment_id, history, kv, mlflow_server, search  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,11 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def test_asha_sweep_with_a_failing_trial(ray_session, tmp_path):
+def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_session, mlflow_server, tmp_path):
+    import dataclasses
+
     spec = load_sweep(str(write_sweep(tmp_path)))
+    spec = dataclasses.replace(spec, tracking=TrackingSettings(uri=mlflow_server, experiment="e2e-sweep"))
     results, summary = run_sweep(spec, quiet=True)
     trials = {t["name"]: t for t in summary["trials"]}
     assert len(trials) == 4
@@ -57,6 +61,30 @@ def test_asha_sweep_with_a_failing_trial(ray_session, tmp_path):
     assert set(summary["best"]) == {"lora", "boft"}
     on_disk = json.loads((tmp_path / "runs" / "e2e" / "summary.json").read_text())
     assert len(on_disk["trials"]) == 4
+
+    # What a person sees in the MLflow UI, read back through the server's REST API
+    exp = experiment_id(mlflow_server, "e2e-sweep")
+    runs = search(mlflow_server, exp)
+    (parent,) = [r for r in runs if kv(r, "tags").get("orchestrator.kind") == "sweep"]
+    children = [r for r in runs if kv(r, "tags").get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    by_name = {r["info"]["run_name"]: r for r in children}
+    assert set(by_name) == set(trials)
+    assert by_name["boft-b5-seed0"]["info"]["status"] == "FAILED"
+    for name, t in trials.items():
+        run = by_name[name]
+        params, tags = kv(run, "params"), kv(run, "tags")
+        assert params["method"] == t["method"] and params["seed"] == "0"
+        assert tags["stop_reason"] == t["stop_reason"]
+        if t["status"] == "TERMINATED":
+            assert run["info"]["status"] == "FINISHED"
+            steps = [m["step"] for m in history(mlflow_server, run["info"]["run_id"], "accuracy")]
+            assert steps and steps == sorted(steps) and steps[-1] == t["step"]
+            if t["stop_reason"] == "budget":  # checkpoint_every: 0 -> only a finished trial has one
+                assert "adapter" in artifacts(mlflow_server, run["info"]["run_id"])
+    assert kv(by_name["lora-r4-lr0.00136-seed0" if "lora-r4-lr0.00136-seed0" in by_name else
+                      next(n for n in by_name if n.startswith("lora-r4"))], "params")["rank"] == "4"
+    report = artifacts(mlflow_server, parent["info"]["run_id"], "report")
+    assert {"report/curves.png", "report/pareto.png", "report/compare.csv"} <= set(report)
 
 
 def _results(sweep_dir: Path) -> dict[str, list[dict]]:
