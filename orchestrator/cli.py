@@ -1,4 +1,4 @@
-"""`orchestrate`: validate | sweep | compare | sync | ui | describe.
+"""`orchestrate`: validate | sweep | compare | sync | ui | cluster | describe.
 
 Subcommands are plain functions; each returns the process exit code. Bad input exits 2 with every
 error listed, before Ray starts.
@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("file")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(fn=cmd_ui)
+    from orchestrator import cluster
+
+    cl = sub.add_parser("cluster", help="Ray cluster files: check one offline, estimate a sweep's cost")
+    cluster.add_subcommands(cl.add_subparsers(dest="cluster_command", required=True))
     d = sub.add_parser("describe", help="a method's hyperparameters, defaults and meaning")
     d.add_argument("method")
     d.set_defaults(fn=cmd_describe)

@@ -99,7 +99,12 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=t.seeds[0])
-    trainable = tune.with_resources(trial_driver, DRIVER_RESOURCES)
+    from orchestrator.cluster import driver_plan
+
+    # Drivers pinned to driver slots where the cluster defines them (the head, never a spot node);
+    # concurrency from the size the autoscaler may reach, not only the nodes up right now.
+    driver_res, concurrent = driver_plan(spec, ray.cluster_resources())
+    trainable = tune.with_resources(trial_driver, driver_res)
     path = os.path.join(storage_path(spec), spec.name)
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -112,7 +117,7 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
         tune_config=tune.TuneConfig(
             metric=target.metric, mode=target.mode, scheduler=scheduler, search_alg=search_alg,
             num_samples=t.num_samples if t.search_alg == "optuna" else 1,
-            max_concurrent_trials=max_concurrent(spec, ray.cluster_resources()),
+            max_concurrent_trials=concurrent,
             time_budget_s=t.time_budget_s, trial_name_creator=name_creator,
             trial_dirname_creator=lambda trial: f"{name_creator(trial)}-{trial.trial_id}",
         ),
