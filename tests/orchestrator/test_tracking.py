@@ -96,8 +96,13 @@ def mlflow_server(tmp_path_factory):
         store = tmp_path_factory.mktemp("mlflow-server")
         port = free_port()
         proc = tracking.start_server(str(store / "mlflow.db"), port)
-        _CACHE.update(url=f"http://127.0.0.1:{port}", proc=proc)
-        tracking.wait_for_server(_CACHE["url"], proc, timeout_s=90)
+        url = f"http://127.0.0.1:{port}"
+        try:  # ~10 s on an idle 2-core machine; far longer when the cores are busy
+            tracking.wait_for_server(url, proc, timeout_s=300)
+        except BaseException:
+            tracking.stop_server(proc)
+            raise
+        _CACHE.update(url=url, proc=proc)
     yield _CACHE["url"]
     tracking.stop_server(_CACHE["proc"])
 
