@@ -3,14 +3,17 @@
     python benchmarks/step_time.py                         # default: 4 layers, width 576, batch 4x128
     python benchmarks/step_time.py --layers 2 --steps 5    # quick check
     python benchmarks/step_time.py --widths 576,1152       # + width table (does BOFT cost grow with d?)
-    python benchmarks/step_time.py --write                 # also replace this run's section in BENCHMARKS.md
+    python benchmarks/step_time.py --write --wait-quiet 120   # also replace this run's section in BENCHMARKS.md
     python benchmarks/step_time.py --profile "boft b4 m1 qv"   # torch.profiler table of one step
 
 One step = forward + backward + AdamW step (+ `methods.after_backward`), fp32, CPU. Each variant gets
 its own deep copy of one seeded random model and sees the same input batch. The machine is small and
 shared, so the variants' steps are interleaved round-robin (the order rotates every round, so no
 variant always follows the same neighbour), warm-up rounds are dropped, and we report medians and
-ratios measured in the same run, never absolute numbers from different runs.
+ratios measured in the same run, never absolute numbers from different runs. A step during which
+other processes used the CPU (/proc/stat) is rerun (`--retries`); `--wait-quiet` waits for a quiet
+machine before each round. A module-level table (one projection, forward + backward, hundreds of
+cheap repetitions) gives the precise depth and width scaling that the whole-model step's noise hides.
 
 "floor" is the frozen base model with backward still running through every layer down to the input
 embeddings (a forward hook makes the embedding *output* require grad; the 28M-entry embedding
