@@ -129,3 +129,19 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path):
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert len(summary["trials"]) == 3
     assert all(t["status"] == "TERMINATED" and t["step"] == 6 for t in summary["trials"]), summary["trials"]
+
+
+def test_optuna_search_within_a_time_budget(ray_session, tmp_path):
+    """Optuna suggests the points (one method, one seed); the sweep's wall-clock budget is honoured."""
+    path = write_sweep(tmp_path, name="optuna",
+                       methods={"lora": {"r": {"choice": [2, 4]}, "train.lr": {"loguniform": [1.0e-3, 3.0e-3]}}},
+                       tune={"num_samples": 2, "seeds": [0], "search_alg": "optuna", "time_budget_s": 600},
+                       train={"max_steps": 3, "batch_size": 8, "eval_every": 3, "checkpoint_every": 0},
+                       resources={"num_workers": 1, "cpus_per_worker": 0.9})
+    spec = load_sweep(str(path))
+    results, summary = run_sweep(spec, quiet=True, track=False)
+    assert len(summary["trials"]) == 2
+    configs = [t["config"] for t in summary["trials"]]
+    assert all(c["method"]["config"]["r"] in (2, 4) and 1e-3 <= c["train"]["lr"] <= 3e-3 for c in configs)
+    assert all(t["status"] == "TERMINATED" and t["step"] == 3 for t in summary["trials"])
+    assert summary["wall_s"] < 600
