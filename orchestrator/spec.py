@@ -20,7 +20,6 @@ errors. `load_sweep` never starts Ray.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Literal
 
 import yaml
