@@ -19,8 +19,9 @@ sweep file's key names under `data.` (e.g. `data.data_files.train=x.csv: missing
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -179,6 +180,17 @@ class Task(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.device]:
+    """Evaluation mode for the block (restoring the training flag after); yields the batches' device."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model_device(model)
+    finally:
+        model.train(was_training)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import files, splits
-from .base import DataSpec, Task, model_device
+from .base import DataSpec, Task, eval_mode
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index, and Hugging Face's
 CONTEXT_COLUMN = "input"
@@ -112,12 +112,9 @@ class InstructionTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = 0
-        try:
+        with eval_mode(model) as device:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
             for batch in batches:
                 labels = batch["labels"].to(device)
                 logits = model(input_ids=batch["input_ids"].to(device),
@@ -127,8 +124,6 @@ class InstructionTask(Task):
                 loss_sum += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                             ignore_index=IGNORE_INDEX, reduction="sum").double()
                 tokens += int((shift_labels != IGNORE_INDEX).sum())
-        finally:
-            model.train(was_training)
         if tokens == 0:
             raise ValueError(f"{self.name}: evaluate got no answer tokens (no batches, or all labels -100)")
         loss = loss_sum.item() / tokens

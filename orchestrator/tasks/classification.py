@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import files, splits
-from .base import DataSpec, Task, model_device
+from .base import DataSpec, Task, eval_mode
 from .metrics import CLASSIFICATION_METRICS
 
 
@@ -144,12 +144,9 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         preds, labels = [], []
-        try:
+        with eval_mode(model) as device:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 y = batch.pop("labels")
@@ -160,8 +157,6 @@ class ClassificationTask(Task):
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
                 preds.append(logits.argmax(-1).cpu())
                 labels.append(y.cpu())
-        finally:
-            model.train(was_training)
         if not labels:
             raise ValueError(f"{self.name}: evaluate got no batches")
         y, p = torch.cat(labels), torch.cat(preds)
