@@ -239,7 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[trial] {shown}", flush=True)
         window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
 
-    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    if torch.distributed.is_initialized():  # leave together: a rank exiting early aborts the others
+        torch.distributed.barrier()
 
 
 def report_with_checkpoint(engine, metrics: dict, state: dict, final: bool) -> None:
