@@ -201,10 +201,9 @@ def validate_trial(cfg: TrialConfig) -> Target:
         raise ConfigError(str(e)) from None
     task.validate(cfg.data)
     metric = cfg.target.metric or task.default_metric
-    if metric not in task.metrics:
-        raise ConfigError(
-            f"target.metric={metric!r}: task {task.name!r} reports {', '.join(task.metrics)}"
-        )
+    reported = task.metrics_for(cfg.data)
+    if metric not in reported:
+        raise ConfigError(f"target.metric={metric!r}: task {task.name!r} reports {', '.join(reported)}")
     value = cfg.target.value if cfg.target.value is not None else task.default_target
     if metric != task.default_metric and cfg.target.value is None:
         raise ConfigError(f"target.value: required when target.metric ({metric}) is not the task's default")

@@ -136,7 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return task.collate(tokenizer, examples, max_length=cfg.data.max_length)
 
     micro = cfg.micro_batch_size
-    eval_batches = [collate(eval_examples[i : i + micro * 2]) for i in range(0, len(eval_examples), micro * 2)]
+    eval_batches = [task.collate_eval(tokenizer, eval_examples[i : i + micro * 2], cfg.data)
+                    for i in range(0, len(eval_examples), micro * 2)]
 
     # ---- method: on resume, the saved adapter (a gradient init is not replayed)
     method_cfg = cfg.method.build()
@@ -197,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["samples"] += int(samples)
         state["tokens"] += int(tokens)
         if stop_reason is None:
-            metrics.update(task.evaluate(engine, eval_batches))
+            metrics.update(task.evaluate(engine, eval_batches, tokenizer))
         else:  # diverged: the worst score, so that schedulers and summaries rank it last
             metrics[target.metric] = float("-inf") if target.mode == "max" else float("inf")
         elapsed = time.time() - clock_start

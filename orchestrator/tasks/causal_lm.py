@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,68 @@ def format_prompt(instruction: str, context: str | None = None) -> str:
     return f"### Instruction:\n{instruction}\n\n{ctx}### Response:\n"
 
 
-class InstructionTask(Task):
-    """Causal-LM fine-tuning on (instruction, response) pairs; loss on the response only."""
+class CausalLMTask(Task):
+    """Causal-LM fine-tuning on {"prompt", "response"} examples; loss on the response only.
+    Subclasses choose where the examples come from (`load`); generative tasks add scoring."""
 
     kind = "causal_lm"
+
+    def encode(self, tokenizer, example: dict, max_length: int) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for one example, at most max_length long (see the module docstring)."""
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        prompt = bos + tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(example["response"], add_special_tokens=False)["input_ids"]
+        answer = answer + ([eos_id] if eos_id is not None else [])
+        keep_answer = min(len(answer), max(max_length - len(prompt), max_length // 2))
+        keep_prompt = max_length - keep_answer
+        prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt < len(prompt) else prompt
+        answer = answer[:keep_answer]
+        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+    def collate(self, tokenizer, examples: list[dict], max_length: int = 128) -> dict[str, torch.Tensor]:
+        """Right-padded batch; pad = the tokenizer's pad token, else eos (GPT-2 and Llama have none)."""
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError(f"{self.name}: the tokenizer has neither a pad nor an eos token to pad with")
+        encoded = [self.encode(tokenizer, ex, max_length) for ex in examples]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, (ids, labs) in enumerate(encoded):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            labels[i, :len(labs)] = torch.tensor(labs)
+            attention_mask[i, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, Any]], tokenizer=None) -> dict[str, float]:
+        with eval_mode(model) as device:
+            loss = answer_loss(model, batches, device, self.name)
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def answer_loss(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, name: str) -> float:
+    """Mean cross-entropy per answer token over all batches (not a mean of batch means)."""
+    tokens = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        # position t predicts token t+1: (B, T-1, V) against (B, T-1)
+        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+        loss_sum += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="sum").double()
+        tokens += int((shift_labels != IGNORE_INDEX).sum())
+    if tokens == 0:
+        raise ValueError(f"{name}: evaluate got no answer tokens (no batches, or all labels -100)")
+    return loss_sum.item() / tokens
+
+
+class InstructionTask(CausalLMTask):
+    """Instruction tuning from local (instruction, response) files."""
+
     needs_files = True
 
     def __init__(self, name: str = "instructions", default_target: float = 1.5):
@@ -80,51 +139,3 @@ class InstructionTask(Task):
             train, evals = splits.holdout(train, spec.eval_fraction, spec.seed, key=lambda ex: ex["prompt"])
         return (splits.subsample(train, spec.max_train_samples, spec.seed, "train"),
                 splits.subsample(evals, spec.max_eval_samples, spec.seed, "eval"))
-
-    def encode(self, tokenizer, example: dict, max_length: int) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) for one example, at most max_length long (see the module docstring)."""
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        prompt = bos + tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(example["response"], add_special_tokens=False)["input_ids"]
-        answer = answer + ([eos_id] if eos_id is not None else [])
-        keep_answer = min(len(answer), max(max_length - len(prompt), max_length // 2))
-        keep_prompt = max_length - keep_answer
-        prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt < len(prompt) else prompt
-        answer = answer[:keep_answer]
-        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-
-    def collate(self, tokenizer, examples: list[dict], max_length: int = 128) -> dict[str, torch.Tensor]:
-        """Right-padded batch; pad = the tokenizer's pad token, else eos (GPT-2 and Llama have none)."""
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError(f"{self.name}: the tokenizer has neither a pad nor an eos token to pad with")
-        encoded = [self.encode(tokenizer, ex, max_length) for ex in examples]
-        width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, (ids, labs) in enumerate(encoded):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, :len(labs)] = torch.tensor(labs)
-            attention_mask[i, :len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        tokens = 0
-        with eval_mode(model) as device:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
-            for batch in batches:
-                labels = batch["labels"].to(device)
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-                # position t predicts token t+1: (B, T-1, V) against (B, T-1)
-                shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-                loss_sum += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                            ignore_index=IGNORE_INDEX, reduction="sum").double()
-                tokens += int((shift_labels != IGNORE_INDEX).sum())
-        if tokens == 0:
-            raise ValueError(f"{self.name}: evaluate got no answer tokens (no batches, or all labels -100)")
-        loss = loss_sum.item() / tokens
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import files, splits
 from .base import DataSpec, Task, eval_mode
+from .generation import per_group
 from .metrics import CLASSIFICATION_METRICS
 
 
@@ -143,12 +144,13 @@ class ClassificationTask(Task):
         return batch
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        preds, labels = [], []
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], tokenizer=None) -> dict[str, float]:
+        preds, labels, groups = [], [], []
         with eval_mode(model) as device:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                groups += batch.get("groups", [])  # e.g. each example's language, for a breakdown
+                batch = {k: v.to(device) for k, v in batch.items() if k != "groups"}
                 y = batch.pop("labels")
                 logits = model(**batch).logits.float()
                 if logits.shape != (y.shape[0], self.num_labels):
@@ -163,6 +165,11 @@ class ClassificationTask(Task):
         scores = {"eval_loss": loss_sum.item() / y.numel()}
         for name in self.metrics[1:]:
             scores[name] = CLASSIFICATION_METRICS[name](y, p)
+        if groups:  # per group, and the headline becomes the mean over groups (each weighs the same)
+            pairs = list(zip(y.tolist(), p.tolist()))
+            for name in self.metrics[1:]:
+                scores.update(per_group(name, groups, pairs,
+                                        lambda v, f=CLASSIFICATION_METRICS[name]: f(*zip(*v))))
         return scores
 
 

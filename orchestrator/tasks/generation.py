@@ -1,0 +1,158 @@
+"""Generative tasks: the model writes an answer, and the answer is scored (GSM8K, HumanEval, FLORES,
+MT-Bench).
+
+Training is the causal-LM objective of `causal_lm.py` on {"prompt", "response"} examples. Evaluation
+does two things over the same eval batches:
+
+1. `eval_loss`: the answer-token cross-entropy of the reference answer (teacher forcing), where the
+   task has one. Cheap, and it moves long before a generated answer becomes right.
+2. The task's metric on what the model writes: greedy decoding (deterministic, so every rank and
+   every rerun agrees), batched, from prompts left-padded so that all rows end at the same
+   position and generation appends to every row at once. Generation stops at the eos token or
+   at one of the task's stop strings (HumanEval stops at the next top-level `def`); the budget is
+   `data.max_new_tokens` (else the task's default). Under ZeRO-3 the parameters are sharded and
+   every forward is a collective, so `synced_gpus` keeps all ranks stepping until the last finishes.
+
+Scoring that is not a pure function of the text (running code in a sandbox, asking a judge) runs
+on rank 0 only and is broadcast, so ranks can never disagree on whether the target was reached
+(they must stop together) and the judge is paid once, not once per rank.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .base import DataSpec, eval_mode
+from .causal_lm import CausalLMTask, answer_loss
+
+
+class GenerativeTask(CausalLMTask):
+    """A causal-LM task scored on generated text. Subclasses implement `load` and `score`."""
+
+    default_max_new_tokens: int = 256
+    stop_strings: tuple[str, ...] = ()  # besides eos; the completion is cut at the first one
+    has_references: bool = True  # False: no reference answer to compute eval_loss on (MT-Bench)
+    uses = frozenset({"max_new_tokens"})
+
+    def sampling(self, spec: DataSpec) -> dict[str, float] | None:
+        """Sampling settings (temperature, top_p) when the task samples several answers; None = greedy."""
+        return None
+
+    @abc.abstractmethod
+    def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:
+        """Task metrics from the eval examples and the model's completions (same order)."""
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def prompt_ids(self, tokenizer, example: dict, max_length: int) -> list[int]:
+        """The prompt's tokens as in training (bos + prompt), keeping the last max_length."""
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = bos + tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+        return ids[-max_length:]  # the end holds the answer cue
+
+    def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
+        batch = self.collate(tokenizer, examples, max_length=spec.max_length) if self.has_references else {}
+        prompts = [self.prompt_ids(tokenizer, ex, spec.max_length) for ex in examples]
+        width = max(len(p) for p in prompts)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):  # left padding: every row's last prompt token is at width - 1
+            prompt_ids[i, width - len(ids):] = torch.tensor(ids)
+            prompt_mask[i, width - len(ids):] = 1
+        batch.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask, examples=list(examples),
+                     max_new_tokens=spec.max_new_tokens or self.default_max_new_tokens,
+                     num_samples=spec.num_samples or 1, sampling=self.sampling(spec), seed=spec.seed)
+        return batch
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, Any]], tokenizer=None) -> dict[str, float]:
+        if tokenizer is None:
+            raise ValueError(f"{self.name}: evaluate needs the tokenizer to decode what the model writes")
+        batches = list(batches)
+        if not batches:
+            raise ValueError(f"{self.name}: evaluate got no batches")
+        scores: dict[str, float] = {}
+        with eval_mode(model) as device:
+            if self.has_references:
+                scores["eval_loss"] = answer_loss(model, batches, device, self.name)
+            examples, completions = [], []
+            for batch in batches:
+                completions += generate(model, tokenizer, batch, device, self.stop_strings)
+                examples += [ex for ex in batch["examples"] for _ in range(batch["num_samples"])]
+        scores.update(on_rank_zero(lambda: self.score(examples, completions)))
+        return scores
+
+
+def generate(model: torch.nn.Module, tokenizer, batch: dict[str, Any], device: torch.device,
+             stop_strings: tuple[str, ...] = ()) -> list[str]:
+    """Completions of the batch's left-padded prompts (greedy, or `num_samples` sampled per prompt,
+    consecutive), decoded and cut at a stop string."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids = batch["prompt_ids"].to(device)
+    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1}
+    if batch.get("sampling"):
+        kwargs = {"do_sample": True, "num_return_sequences": batch["num_samples"], **batch["sampling"]}
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    # Seeded without touching the training RNG: the same samples at every evaluation and on every rank.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(batch.get("seed", 0))
+        out = module.generate(input_ids=prompt_ids, attention_mask=batch["prompt_mask"].to(device),
+                              max_new_tokens=batch["max_new_tokens"], eos_token_id=eos, pad_token_id=pad,
+                              synced_gpus=zero3_sharded(model), **kwargs)
+    texts = tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+    return [cut_at_stop(text, stop_strings) for text in texts]
+
+
+def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def zero3_sharded(model: torch.nn.Module) -> bool:
+    """True under ZeRO-3 with several ranks: each generation step is then a collective."""
+    stage = getattr(model, "zero_optimization_stage", None)
+    return bool(stage and stage() == 3 and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
+
+def on_rank_zero(compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """`compute()` on rank 0, its result (or its error) broadcast to every rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return compute()
+    box: list[Any] = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast, then all raise together
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"scoring on rank 0 failed: {value}")
+    return value
+
+
+def per_group(name: str, groups: list[str], values: list, aggregate: Callable[[list], float] | None = None
+              ) -> dict[str, float]:
+    """{"name/<group>": aggregate within each group, "name": their unweighted mean}: the
+    per-language breakdown, averaged over languages as multilingual benchmarks report it (a
+    language with more eval examples does not weigh more). `aggregate` defaults to the mean."""
+    if not values:
+        raise ValueError(f"{name}: nothing to score")
+    aggregate = aggregate or (lambda v: sum(v) / len(v))
+    by = defaultdict(list)
+    for group, value in zip(groups, values):
+        by[group].append(value)
+    out = {f"{name}/{group}": float(aggregate(v)) for group, v in sorted(by.items())}
+    return {name: sum(out.values()) / len(out), **out}

@@ -1,0 +1,161 @@
+"""MT-Bench: 80 two-turn questions in 8 categories, answered by the tuned model and rated 1-10 by a
+judge model (Zheng et al. 2023, "Judging LLM-as-a-judge").
+
+MT-Bench only evaluates; the model trains on instruction data of your own, as the `instructions`
+task reads it (data_files.train: instruction/response columns, Alpaca-style prompt). Questions come
+from the Hub (`HuggingFaceH4/mt_bench_prompts`: prompt, category, reference, prompt_id) or from a
+local `data_files.questions` file in FastChat's `question.jsonl` format (question_id, category,
+turns, reference) or the Hub's columns.
+
+Evaluation: the model answers turn 1 of every question, then turn 2 with its own first answer in
+the context (two batched greedy passes, the Alpaca format extended with the first exchange); the
+judge (`data.judge`, see `judge.py`) rates every answer, seeing the reference answer where the
+question has one (math, reasoning, coding). Metrics: `mt_bench_score`, the mean rating over all
+turns (MT-Bench's headline), with `mt_bench_score/turn_1`, `/turn_2` and one per category, and
+`judge_unparsed`, the number of judge replies without a rating (scored 1). There is no reference
+answer for most questions, so no `eval_loss`. Judging runs on rank 0 only and is broadcast.
+
+A sweep with no judge configured fails at validation, and `orchestrate validate` checks that the
+endpoint answers; nothing about the judge is discovered an hour into a sweep. Default target 5.0
+(of 10): a reference point between small chat models (~3-5) and 7B chat models (~6); set your own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import files, hub, splits
+from .base import DataSpec, eval_mode
+from .causal_lm import InstructionTask, format_prompt
+from .generation import GenerativeTask, generate, on_rank_zero, per_group
+from .judge import check_judge, judge_prompt, make_judge, parse_rating
+
+HUB_PATH = "HuggingFaceH4/mt_bench_prompts"
+SEP = "\x1e"  # ASCII record separator: never part of a question
+
+
+def second_turn_prompt(first: str, answer: str, second: str) -> str:
+    """The Alpaca format continued: the first exchange, then the second instruction."""
+    return f"{format_prompt(first)}{answer.strip()}\n\n{format_prompt(second)}"
+
+
+def read_questions(path: str | None) -> list[dict]:
+    """[{"id", "category", "turns": [q1, q2], "reference": [r1, r2] or []}] from a file or the Hub."""
+    if path is None:
+        table = hub.load_split(HUB_PATH, None, "train", "mt_bench",
+                               "{train: instructions.jsonl, questions: question.jsonl} (FastChat's format)")
+        where, ids, turns = f"{HUB_PATH} train", table["prompt_id"], table["prompt"]
+    else:
+        where = f"data.data_files.questions={path}"
+        found = files.read_columns(path, where)
+        turn_col, id_col = ("turns", "question_id") if "turns" in found else ("prompt", "prompt_id")
+        table = files.read_table(path, [turn_col, id_col, "category", "reference"], where)
+        ids, turns = table[id_col], table[turn_col]
+    questions = []
+    for i, (qid, qturns, category, reference) in enumerate(zip(ids, turns, table["category"], table["reference"])):
+        if not isinstance(qturns, list) or not qturns or not all(isinstance(t, str) and t for t in qturns):
+            raise ValueError(f"{where}: row {i}: the turns must be a non-empty list of questions")
+        questions.append({"id": str(qid if qid is not None else i), "category": category or "general",
+                          "turns": list(qturns[:2]), "reference": [r for r in (reference or []) if r]})
+    if not questions:
+        raise ValueError(f"{where}: no questions")
+    return questions
+
+
+class MtBenchTask(GenerativeTask):
+    name = "mt_bench"
+    metrics = ("mt_bench_score", "judge_unparsed")
+    default_metric = "mt_bench_score"
+    default_target = 5.0
+    split_names = ("train", "questions")
+    needs_files = True
+    has_references = False
+    default_max_new_tokens = 512
+    uses = frozenset({"max_new_tokens", "judge"})
+
+    def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
+        return (*self.metrics, "mt_bench_score/turn_1", "mt_bench_score/turn_2")
+
+    def columns(self, spec: DataSpec) -> list[tuple[str, str]]:
+        return InstructionTask.columns(self, spec)
+
+    def sources(self, spec: DataSpec) -> dict[str, tuple[str, str]]:  # columns() describes train only
+        return {s: v for s, v in super().sources(spec).items() if s == "train"}
+
+    def validate(self, spec: DataSpec) -> None:
+        if spec.judge is None and spec.name == self.name:
+            raise ValueError("data.judge: task mt_bench needs a judge model: an OpenAI-compatible endpoint "
+                             "{base_url: http://host:8000/v1, model: NAME, api_key_env: VAR} or "
+                             "{local_model: /path/to/model}")
+        super().validate(spec)
+        check_judge(spec.judge)
+
+    def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
+        self.validate(spec)
+        (inst, _), (resp, _) = self.columns(spec)
+        path, where = self.sources(spec)["train"]
+        table = files.read_table(path, [inst, resp, "input"], where)
+        train = []
+        for i, (instruction, response, context) in enumerate(zip(table[inst], table[resp], table["input"])):
+            if not (isinstance(instruction, str) and instruction.strip() and isinstance(response, str) and response.strip()):
+                raise ValueError(f"{where}: row {i}: columns {inst!r} and {resp!r} must be non-empty text")
+            train.append({"prompt": format_prompt(instruction, context), "response": response})
+        if not train:
+            raise ValueError(f"{where}: no rows")
+        # Turns and references travel as one string each: examples stay flat dicts of str.
+        evals = [{"prompt": format_prompt(q["turns"][0]), "id": q["id"], "category": q["category"],
+                  "turns": SEP.join(q["turns"]), "reference": SEP.join(q["reference"])}
+                 for q in read_questions(spec.data_files.get("questions"))]
+        return (splits.subsample(train, spec.max_train_samples, spec.seed, "train"),
+                splits.subsample(evals, spec.max_eval_samples, spec.seed, "eval"))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: list[dict[str, Any]], tokenizer=None) -> dict[str, float]:
+        if tokenizer is None:
+            raise ValueError("mt_bench: evaluate needs the tokenizer to decode what the model writes")
+        examples, answers = [], []  # answers[i] = [turn 1 answer, turn 2 answer (if any)]
+        with eval_mode(model) as device:
+            for batch in batches:
+                firsts = generate(model, tokenizer, batch, device)
+                examples += batch["examples"]
+                answers += [[a] for a in firsts]
+                follow = [dict(ex, prompt=second_turn_prompt(turns[0], a, turns[1]))
+                          for ex, a in zip(batch["examples"], firsts)
+                          if len(turns := ex["turns"].split(SEP)) > 1]
+                if follow:  # every rank has the same questions, so every rank takes this branch
+                    spec = DataSpec(name=self.name, max_length=batch["max_length"],
+                                    max_new_tokens=batch["max_new_tokens"])
+                    seconds = iter(generate(model, tokenizer, self.collate_eval(tokenizer, follow, spec), device))
+                    for ex, pair in zip(batch["examples"], answers[-len(firsts):]):
+                        if SEP in ex["turns"]:
+                            pair.append(next(seconds))
+        # The judge config rides in the batches: evaluate() sees batches, not the sweep file.
+        return on_rank_zero(lambda: self.judge_all(batches[0]["judge"], examples, answers))
+
+    def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
+        batch = super().collate_eval(tokenizer, examples, spec)
+        batch.update(max_length=spec.max_length, judge=spec.judge)
+        return batch
+
+    def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:
+        raise NotImplementedError("mt_bench scores both turns in evaluate()")
+
+    def judge_all(self, config, examples: list[dict], answers: list[list[str]]) -> dict[str, float]:
+        judge = make_judge(config)
+        ratings, turn_of, category_of, unparsed = [], [], [], 0
+        for ex, given in zip(examples, answers):
+            turns, refs = ex["turns"].split(SEP), [r for r in ex["reference"].split(SEP) if r]
+            for t in range(len(given)):
+                reply = judge.complete(judge_prompt(turns[: t + 1], given[: t + 1], refs[t] if t < len(refs) else None))
+                rating = parse_rating(reply)
+                unparsed += rating is None
+                ratings.append(rating if rating is not None else 1.0)  # no rating: the lowest score
+                turn_of.append(f"turn_{t + 1}")
+                category_of.append(ex["category"])
+        by_turn = per_group("mt_bench_score", turn_of, ratings)
+        by_category = per_group("mt_bench_score", category_of, ratings)
+        # MT-Bench's headline is the mean over all rated turns, not over the per-turn means.
+        return {**by_turn, **by_category, "mt_bench_score": sum(ratings) / len(ratings),
+                "judge_unparsed": float(unparsed)}

@@ -1,0 +1,232 @@
+"""Few-shot multilingual tasks: XNLI (classification) and FLORES-200 (translation), k examples per
+language.
+
+The paper's multilingual setting trains on k = 32 examples per language (`data.samples_per_language`)
+and scores every language separately. Both tasks draw the k examples per language with the seed
+(the same seed gives the same examples on every worker and every rerun), report the metric per
+language as `<metric>/<language>` and, as the headline, its unweighted mean over languages.
+`data.max_eval_samples` caps the eval examples *per language*, so every language weighs the same.
+
+XNLI (Conneau et al. 2018): premise/hypothesis -> entailment, neutral, contradiction, in 15
+languages. Hub: `facebook/xnli`, one config per language (`en`, `fr`, ...), splits train (MNLI
+machine-translated), validation, test; we train on train and score on validation. Local files:
+data_files {train, validation} with columns premise, hypothesis, label (int or name) and
+`language` (the Hub configs stacked, with the config name as language). Metric: accuracy.
+Default target 0.50: a reference point for a multilingual encoder with 32 examples per language
+(chance is 0.33); set your own.
+
+FLORES-200 (NLLB Team 2022): the same 997 (dev) + 1,012 (devtest) sentences in 200 languages.
+Hub: `facebook/flores`, one config per language (`eng_Latn`, `fra_Latn`, ...), column `sentence`,
+aligned across languages by `id`. We translate English into each language: k training pairs
+from dev, scored on devtest. Local files: data_files {dev, devtest} with columns id, sentence and
+`language` (the Hub configs stacked, the English rows included). The prompt names the language:
+
+    Translate this sentence from English to French.\\nEnglish: {source}\\nFrench:
+
+Metric: chrF (Popovic 2015) from sacrebleu, the maintained reference implementation, corpus-level
+per language on the 0-100 scale. Default target 30.0: a reference point; set your own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import files, hub, splits
+from .base import DataSpec, Task
+from .classification import ClassificationTask
+from .generation import GenerativeTask, per_group
+
+LANGUAGE = "language"
+
+XNLI_LANGUAGES = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+
+# FLORES-200 codes of the 14 XNLI languages besides English, and the names the prompt uses.
+FLORES_NAMES = {
+    "arb_Arab": "Arabic", "bul_Cyrl": "Bulgarian", "deu_Latn": "German", "ell_Grek": "Greek",
+    "spa_Latn": "Spanish", "fra_Latn": "French", "hin_Deva": "Hindi", "rus_Cyrl": "Russian",
+    "swh_Latn": "Swahili", "tha_Thai": "Thai", "tur_Latn": "Turkish", "urd_Arab": "Urdu",
+    "vie_Latn": "Vietnamese", "zho_Hans": "Chinese (Simplified)",
+}
+FLORES_SOURCE = "eng_Latn"
+
+
+def per_language(rows: list[dict], languages: tuple[str, ...], k: int | None, seed: int, salt: str,
+                 where: str) -> list[dict]:
+    """Up to k rows of each language (all if k is None), drawn with the seed, languages in order."""
+    out = []
+    for language in languages:
+        mine = [r for r in rows if r[LANGUAGE] == language]
+        if not mine:
+            raise ValueError(f"{where}: no rows for language {language!r} (data.languages)")
+        out += splits.subsample(mine, k, seed, f"{salt}:{language}")
+    return out
+
+
+def check_languages(task: Task, spec: DataSpec, known: tuple[str, ...]) -> None:
+    """On the Hub every config is known in advance: an unknown language is a validation error."""
+    if spec.data_files is None and spec.languages:
+        unknown = [x for x in spec.languages if x not in known]
+        if unknown:
+            raise ValueError(f"data.languages: {unknown[0]!r} is not a {task.name} language on the Hub "
+                             f"(known: {', '.join(known)})")
+
+
+class XnliTask(ClassificationTask):
+    """XNLI with k training examples per language and accuracy per language."""
+
+    HUB_PATH = "facebook/xnli"
+    uses = frozenset({"languages"})
+
+    def __init__(self):
+        super().__init__("xnli", ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"),
+                         ("accuracy",), default_target=0.50)
+
+    def languages(self, spec: DataSpec) -> tuple[str, ...]:
+        return spec.languages or XNLI_LANGUAGES
+
+    def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
+        return (*self.metrics, *(f"accuracy/{x}" for x in self.languages(spec)))
+
+    def columns(self, spec: DataSpec) -> list[tuple[str, str]]:
+        return [*super().columns(spec), (LANGUAGE, "languages")]
+
+    def validate(self, spec: DataSpec) -> None:
+        super().validate(spec)
+        check_languages(self, spec, XNLI_LANGUAGES)
+
+    def read(self, spec: DataSpec) -> dict[str, tuple[str, dict[str, list]]]:
+        if spec.data_files is not None:
+            return super().read(spec)
+        tables = {}
+        for split in self.split_names:
+            merged: dict[str, list] = {"premise": [], "hypothesis": [], "label": [], LANGUAGE: []}
+            for language in self.languages(spec):
+                part = hub.load_split(self.HUB_PATH, language, split, self.name,
+                                      "{train: train.jsonl, validation: validation.jsonl} with columns "
+                                      "premise, hypothesis, label, language")
+                for column in ("premise", "hypothesis", "label"):
+                    merged[column] += part[column]
+                merged[LANGUAGE] += [language] * len(part["label"])
+            tables[split] = (f"{self.HUB_PATH} {split}", merged)
+        return tables
+
+    def examples(self, table: dict[str, list], texts: tuple[str, ...], label_col: str, where: str) -> list[dict]:
+        rows = super().examples(table, texts, label_col, where)
+        for row, language in zip(rows, table[LANGUAGE]):
+            if not isinstance(language, str) or not language:
+                raise ValueError(f"{where}: column {LANGUAGE!r} must name each row's language")
+            row[LANGUAGE] = language
+        return rows
+
+    def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
+        self.validate(spec)
+        tables = self.read(spec)
+        texts, label_col = self.text_columns_for(spec), spec.label_field or self.label_column
+        train_where, train_table = tables["train"]
+        train = self.examples(train_table, texts, label_col, train_where)
+        languages = spec.languages or tuple(dict.fromkeys(r[LANGUAGE] for r in train))
+        if "validation" in tables:
+            eval_where, eval_table = tables["validation"]
+            evals = self.examples(eval_table, texts, label_col, eval_where)
+        else:  # hold out per text pair before drawing the k examples, so none is on both sides
+            train, evals = splits.holdout(train, spec.eval_fraction, spec.seed,
+                                          key=lambda ex: (ex["text"], ex["text_pair"]))
+            eval_where = train_where + " (held out)"
+        train = per_language(train, languages, spec.samples_per_language, spec.seed, "train", train_where)
+        evals = per_language(evals, languages, spec.max_eval_samples, spec.seed, "eval", eval_where)
+        return splits.subsample(train, None, spec.seed, "train"), evals
+
+    def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
+        batch = super().collate_eval(tokenizer, examples, spec)
+        batch["groups"] = [ex[LANGUAGE] for ex in examples]
+        return batch
+
+
+class FloresTask(GenerativeTask):
+    """English -> each language, k training pairs per language from dev, chrF per language on devtest."""
+
+    name = "flores"
+    metrics = ("eval_loss", "chrf")
+    default_metric = "chrf"
+    default_target = 30.0
+    split_names = ("dev", "devtest")
+    default_max_new_tokens = 128
+    stop_strings = ("\n",)
+    uses = frozenset({"languages", "max_new_tokens"})
+    HUB_PATH = "facebook/flores"
+
+    def languages(self, spec: DataSpec) -> tuple[str, ...]:
+        return spec.languages or tuple(FLORES_NAMES)
+
+    def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
+        return (*self.metrics, *(f"chrf/{x}" for x in self.languages(spec)))
+
+    def columns(self, spec: DataSpec) -> list[tuple[str, str]]:
+        return [("id", "data_files"), ("sentence", "data_files"), (LANGUAGE, "languages")]
+
+    def validate(self, spec: DataSpec) -> None:
+        super().validate(spec)
+        if spec.languages and FLORES_SOURCE in spec.languages:
+            raise ValueError(f"data.languages: {FLORES_SOURCE} is the source language; list target languages")
+        if spec.data_files is None and spec.languages:  # FLORES codes look like xxx_Scrp
+            bad = [x for x in spec.languages if len(x.split("_")) != 2]
+            if bad:
+                raise ValueError(f"data.languages: {bad[0]!r} is not a FLORES-200 code (e.g. fra_Latn, zho_Hans)")
+
+    def read_split(self, spec: DataSpec, split: str) -> tuple[str, dict[str, list]]:
+        if spec.data_files is not None:
+            path, where = self.sources(spec)[split]
+            return where, files.read_table(path, ["id", "sentence", LANGUAGE], where)
+        merged: dict[str, list] = {"id": [], "sentence": [], LANGUAGE: []}
+        for language in (FLORES_SOURCE, *self.languages(spec)):
+            part = hub.load_split(self.HUB_PATH, language, split, self.name,
+                                  "{dev: dev.jsonl, devtest: devtest.jsonl} with columns id, sentence, language")
+            merged["id"] += part["id"]
+            merged["sentence"] += part["sentence"]
+            merged[LANGUAGE] += [language] * len(part["id"])
+        return f"{self.HUB_PATH} {split}", merged
+
+    def pairs(self, spec: DataSpec, split: str, languages: tuple[str, ...]) -> tuple[str, list[dict]]:
+        where, table = self.read_split(spec, split)
+        by_language: dict[str, dict] = {}
+        for i, (sid, sentence, language) in enumerate(zip(table["id"], table["sentence"], table[LANGUAGE])):
+            if not isinstance(sentence, str) or not sentence.strip() or sid is None or not language:
+                raise ValueError(f"{where}: row {i}: id, sentence and language must all be set")
+            by_language.setdefault(language, {})[sid] = sentence
+        source = by_language.get(FLORES_SOURCE)
+        if not source:
+            raise ValueError(f"{where}: no {FLORES_SOURCE} rows: English is the source of every pair")
+        rows = []
+        for language in languages:
+            target = by_language.get(language, {})
+            name = FLORES_NAMES.get(language, language)
+            rows += [{"prompt": f"Translate this sentence from English to {name}.\nEnglish: {source[sid]}\n{name}:",
+                      "response": " " + target[sid], LANGUAGE: language}
+                     for sid in sorted(target) if sid in source]
+        return where, rows
+
+    def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
+        self.validate(spec)
+        languages = self.languages(spec) if spec.data_files is None or spec.languages else None
+        if languages is None:  # local files, no list given: every language in the dev file but English
+            where, table = self.read_split(spec, "dev")
+            languages = tuple(x for x in dict.fromkeys(table[LANGUAGE]) if x != FLORES_SOURCE)
+        where, dev = self.pairs(spec, "dev", languages)
+        train = per_language(dev, languages, spec.samples_per_language, spec.seed, "train", where)
+        if spec.data_files is None or "devtest" in spec.data_files:
+            where, devtest = self.pairs(spec, "devtest", languages)
+        else:  # no devtest file: score on dev pairs not drawn for training
+            taken = {(ex[LANGUAGE], ex["prompt"]) for ex in train}
+            devtest = [ex for ex in dev if (ex[LANGUAGE], ex["prompt"]) not in taken]
+        evals = per_language(devtest, languages, spec.max_eval_samples, spec.seed, "eval", where)
+        return splits.subsample(train, None, spec.seed, "train"), evals
+
+    def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:
+        from sacrebleu.metrics import CHRF
+
+        def corpus_chrf(pairs: list[tuple[str, str]]) -> float:
+            hyps, refs = zip(*pairs)
+            return CHRF().corpus_score(list(hyps), [list(refs)]).score
+
+        pairs = [(c.strip(), ex["response"].strip()) for ex, c in zip(examples, completions)]
+        return per_group("chrf", [ex[LANGUAGE] for ex in examples], pairs, corpus_chrf)
