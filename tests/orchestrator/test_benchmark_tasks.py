@@ -23,6 +23,7 @@ from orchestrator.tasks.generation import GenerativeTask, cut_at_stop, generate
 from orchestrator.tasks.gsm8k import final_number
 from orchestrator.tasks.humaneval import read_problems
 from orchestrator.tasks.judge import JudgeConfig, parse_rating
+from tests.conftest import bpe_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
 NEW_TASKS = ("gsm8k", "humaneval", "xnli", "flores", "mt_bench")
@@ -37,19 +38,7 @@ def minilm_tokenizer():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE (GPT-2's scheme) trained here on the test files: decoding gives back the
-    exact text, as with real causal-LM tokenizers (BERT's WordPiece would print "# # # # 12")."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [line for path in sorted(DATA.glob("*.jsonl")) for line in path.read_text().splitlines()]
-    texts += [p["prompt"] + p["canonical_solution"] for p in read_problems()[:40]]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return bpe_tokenizer()
 
 
 def tiny_lm(tokenizer, seed: int = 0):

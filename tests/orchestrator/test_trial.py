@@ -144,3 +144,31 @@ def test_divergence_ends_the_trial_with_a_reason(ray_session, tmp_path):
     (last,) = read_reports(str(tmp_path), "diverge")
     assert last["stop_reason"] == "diverged" and last["done"] and last["step"] < 30
     assert last["eval_loss"] == float("inf")  # the worst score, so that schedulers rank it last
+
+
+def test_generative_task_under_zero3_scores_generated_answers(ray_session, tmp_path):
+    """GSM8K on a tiny causal LM, 2 workers, ZeRO-3: every generation step is a collective
+    (synced_gpus), scoring runs on rank 0 and is broadcast. Reports carry exact_match and eval_loss."""
+    from tests.conftest import BENCHMARK_DATA, save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(str(tmp_path / "model"))
+    files = {"train": os.path.join(BENCHMARK_DATA, "gsm8k_train.jsonl"),
+             "test": os.path.join(BENCHMARK_DATA, "gsm8k_test.jsonl")}
+    cfg = TrialConfig.from_dict({
+        "data": {"name": "gsm8k", "data_files": files, "max_length": 256, "max_new_tokens": 8},
+        "model": {"name_or_path": model},
+        "method": {"name": "lora", "config": {"r": 4}},
+        "train": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "lr": 1e-3, "stop_at_target": False},
+        "deepspeed": {"zero_stage": 3},
+        "resources": {"num_workers": 2, "cpus_per_worker": 0.9},
+    })
+    target = validate_trial(cfg)
+    assert (target.metric, target.mode, target.value) == ("exact_match", "max", 0.35)
+    result = run_trial(cfg, str(tmp_path), "gsm8k-zero3")
+    assert result.error is None
+    reports = read_reports(str(tmp_path), "gsm8k-zero3")
+    assert [r["step"] for r in reports] == [2, 4]
+    for r in reports:
+        assert r["exact_match"] == 0.0 and r["eval_loss"] > 0 and "time_to_quality_s" not in r
+    assert reports[-1]["eval_loss"] < reports[0]["eval_loss"] + 1.0  # finite and sane
+    assert reports[-1]["stop_reason"] == "budget"
