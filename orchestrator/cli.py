@@ -133,12 +133,39 @@ def cmd_ui(args) -> int:
 
 def cmd_describe(args) -> int:
     import methods
+    from orchestrator.tasks import TASKS
 
+    if args.method in TASKS:
+        return describe_task(TASKS[args.method])
+    if args.method not in methods.METHODS:
+        print(f"orchestrate describe: {args.method!r} is neither a method ({', '.join(sorted(methods.METHODS))}) "
+              f"nor a task ({', '.join(sorted(TASKS))})", file=sys.stderr)
+        return 2
     method = methods.get_method(args.method)
     print(f"{args.method}: {(method.config_cls.__doc__ or '').strip().splitlines()[0]}")
     defaults = _flat(method.config_cls().to_dict())
     for key, help_text in method.config_cls.field_help().items():
         print(f"  {key:32s} default {json.dumps(defaults.get(key))}  {help_text}")
+    return 0
+
+
+def describe_task(task) -> int:
+    """What time-to-quality means on this task: its metrics, direction and default target."""
+    import importlib
+
+    from orchestrator.tasks.base import Task
+
+    doc = (type(task).__doc__ or importlib.import_module(type(task).__module__).__doc__ or "").strip().splitlines()
+    print(f"{task.name}: {doc[0] if doc else task.kind}  (details: pydoc {type(task).__module__})")
+    print(f"  kind            {task.kind}")
+    print(f"  metrics         {', '.join(task.metrics)}")
+    print(f"  default target  {task.default_metric} {'>=' if task.mode == 'max' else '<='} {task.default_target} "
+          f"(set target.metric / target.value to change it)")
+    print(f"  data_files      {', '.join(task.split_names) or 'none (installed corpus)'}"
+          f"{' (required)' if task.needs_files else ''}")
+    extra = [f for f in Task.OPTIONAL_FIELDS if f in task.uses]
+    if extra:
+        print(f"  data options    {', '.join(extra)}")
     return 0
 
 
@@ -183,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("cluster", help="Ray cluster files: check one offline, estimate a sweep's cost")
     cluster.add_subcommands(cl.add_subparsers(dest="cluster_command", required=True))
-    d = sub.add_parser("describe", help="a method's hyperparameters, defaults and meaning")
-    d.add_argument("method")
+    d = sub.add_parser("describe", help="a method's hyperparameters, or a task's metrics and default target")
+    d.add_argument("method", metavar="METHOD_OR_TASK")
     d.set_defaults(fn=cmd_describe)
     return p
 

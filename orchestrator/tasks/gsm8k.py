@@ -51,6 +51,8 @@ def final_number(text: str) -> Decimal | None:
 
 
 class Gsm8kTask(GenerativeTask):
+    """Grade-school math word problems, scored by exact match of the final number after ####."""
+
     name = "gsm8k"
     metrics = ("eval_loss", "exact_match")
     default_metric = "exact_match"

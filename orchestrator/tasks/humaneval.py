@@ -50,6 +50,8 @@ def read_problems(path: str | None = None) -> list[dict]:
 
 
 class HumanEvalTask(GenerativeTask):
+    """Python problems scored by running their unit tests in a sandbox: pass@1 (pass@k with samples)."""
+
     name = "humaneval"
     metrics = ("eval_loss", *(f"pass_at_{k}" for k in KS))
     default_metric = "pass_at_1"

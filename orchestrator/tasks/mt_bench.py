@@ -65,6 +65,8 @@ def read_questions(path: str | None) -> list[dict]:
 
 
 class MtBenchTask(GenerativeTask):
+    """Two-turn questions answered by the tuned model and rated 1-10 by a judge model."""
+
     name = "mt_bench"
     metrics = ("mt_bench_score", "judge_unparsed")
     default_metric = "mt_bench_score"

@@ -233,7 +233,7 @@ def xnli_spec(**kw) -> DataSpec:
 def test_xnli_k_per_language_deterministic_by_seed():
     task = get_task("xnli")
     train, evals = task.load(xnli_spec(samples_per_language=2, seed=1))
-    count = lambda rows, lang: sum(r["language"] == lang for r in rows)  # noqa: E731
+    count = lambda rows, lang: sum(r["language"] == lang for r in rows)
     assert [count(train, x) for x in ("en", "fr", "de")] == [2, 2, 2]
     assert [count(evals, x) for x in ("en", "fr", "de")] == [4, 4, 4]
     assert train == task.load(xnli_spec(samples_per_language=2, seed=1))[0]

@@ -162,3 +162,26 @@ def test_arbitrary_text_never_tracebacks(tmp_path, text):
         load_sweep(write(tmp_path, text), validate_data=False)
     except ConfigError:
         pass
+
+
+def test_benchmark_tasks_in_sweep_files(tmp_path, capsys):
+    """The paper's tasks are sweepable: data options validate with file and key, the judge too."""
+    from tests.conftest import BENCHMARK_DATA
+
+    flores = {"dev": os.path.join(BENCHMARK_DATA, "flores_dev.jsonl"),
+              "devtest": os.path.join(BENCHMARK_DATA, "flores_devtest.jsonl")}
+    ok = {**GOOD, "data": {"name": "flores", "data_files": flores, "languages": ["fra_Latn"], "max_new_tokens": 32},
+          "target": {"metric": "chrf/fra_Latn", "value": 20.0}}
+    spec = load_sweep(write(tmp_path, ok))
+    assert spec.data.languages == ("fra_Latn",)
+    assert main(["validate", write(tmp_path, {**ok, "data": {**ok["data"], "judge": {"local_model": "/j"}}})]) == 2
+    assert "data.judge: task flores does not use it (tasks that do: mt_bench)" in capsys.readouterr().err
+    no_judge = {**GOOD, "data": {"name": "mt_bench", "data_files": {"train": "x.jsonl"}}}
+    assert main(["validate", write(tmp_path, no_judge)]) == 2
+    assert "data.judge: task mt_bench needs a judge model" in capsys.readouterr().err
+    typo = {**GOOD, "data": {"name": "mt_bench", "judge": {"base_url": "http://127.0.0.1:9/v1", "modle": "m"}}}
+    assert main(["validate", write(tmp_path, typo)]) == 2
+    err = capsys.readouterr().err
+    assert "s.yaml" in err and "data.judge.modle: unknown key" in err
+    assert main(["describe", "gsm8k"]) == 0
+    assert "exact_match >= 0.35" in capsys.readouterr().out
