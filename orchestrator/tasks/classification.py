@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from . import files, splits
 from .base import DataSpec, Task, eval_mode
-from .generation import per_group
-from .metrics import CLASSIFICATION_METRICS
+from .metrics import CLASSIFICATION_METRICS, per_group
 
 
 class ClassificationTask(Task):

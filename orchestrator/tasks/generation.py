@@ -21,7 +21,6 @@ on rank 0 only and is broadcast, so ranks can never disagree on whether the targ
 from __future__ import annotations
 
 import abc
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -141,18 +140,3 @@ def on_rank_zero(compute: Callable[[], dict[str, float]]) -> dict[str, float]:
     if status == "error":
         raise RuntimeError(f"scoring on rank 0 failed: {value}")
     return value
-
-
-def per_group(name: str, groups: list[str], values: list, aggregate: Callable[[list], float] | None = None
-              ) -> dict[str, float]:
-    """{"name/<group>": aggregate within each group, "name": their unweighted mean}: the
-    per-language breakdown, averaged over languages as multilingual benchmarks report it (a
-    language with more eval examples does not weigh more). `aggregate` defaults to the mean."""
-    if not values:
-        raise ValueError(f"{name}: nothing to score")
-    aggregate = aggregate or (lambda v: sum(v) / len(v))
-    by = defaultdict(list)
-    for group, value in zip(groups, values):
-        by[group].append(value)
-    out = {f"{name}/{group}": float(aggregate(v)) for group, v in sorted(by.items())}
-    return {name: sum(out.values()) / len(out), **out}

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 
-from . import files, hub, splits
+from . import files, hub, sandbox, splits
 from .base import DataSpec
 from .generation import GenerativeTask
+from .metrics import mean_pass_at_k
 
 PROBLEM_COLUMNS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 KS = (1, 10, 100)
@@ -104,9 +105,6 @@ class HumanEvalTask(GenerativeTask):
         return SAMPLING if (spec.num_samples or 1) > 1 else None
 
     def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:
-        from . import sandbox
-        from .metrics import mean_pass_at_k
-
         problems = [json.loads(ex["problem"]) for ex in examples]
         outcomes = sandbox.run_many([sandbox.humaneval_program(p, c) for p, c in zip(problems, completions)],
                                     timeout_s=self.timeout_s, memory_mb=self.memory_mb)

@@ -8,17 +8,24 @@ GLUE scores each task with one or two of these (Wang et al. 2019; the `glue` met
 | SST-2, MNLI, QNLI, RTE, WNLI | accuracy |
 | MRPC, QQP | f1 (positive class 1) and accuracy |
 | STS-B | pearson and spearmanr |
+| HumanEval (code generation) | pass@k: `pass_at_k`, `mean_pass_at_k` (Chen et al. 2021) |
 
 Arguments follow scikit-learn's order, (labels, preds), and accept lists, numpy arrays or tensors.
 Conventions copied from scikit-learn so the numbers agree: F1 is 0 when undefined (no positive
 predictions and no positive labels), macro F1 averages over the classes present in labels or
 predictions, and MCC is 0 when a marginal is constant. The test suite compares against
 scikit-learn / scipy on random inputs; neither is needed at run time.
+
+pass@k is plain Python: it takes counts of samples and of passing samples per problem, such as
+`orchestrator.tasks.sandbox.run_many` gives when it runs HumanEval completions.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -109,3 +116,45 @@ CLASSIFICATION_METRICS = {
     "macro_f1": lambda labels, preds: f1(labels, preds, average="macro"),
     "matthews_correlation": matthews_corrcoef,
 }
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem: n samples generated, c of them correct.
+
+    The chance that at least one of k samples drawn without replacement from the n passes,
+    1 - C(n-c, k) / C(n, k) (Chen et al. 2021, "Evaluating Large Language Models Trained on Code",
+    the HumanEval paper), computed in the paper's numerically stable form,
+    1 - prod_{i=n-c+1..n} (1 - k/i), with no binomial coefficients (huge for n in the hundreds).
+    """
+    try:
+        n, c, k = operator.index(n), operator.index(c), operator.index(k)
+    except TypeError:
+        raise ValueError(f"pass_at_k(n={n!r}, c={c!r}, k={k!r}): counts must be integers") from None
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k(n={n}, c={c}, k={k}): need 0 <= c <= n and 1 <= k <= n")
+    if n - c < k:  # every draw of k samples includes a correct one
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(counts: list[tuple[int, int]], k: int) -> float:
+    """pass@k averaged over problems, from (n, c) per problem: the number HumanEval reports."""
+    scores = [pass_at_k(n, c, k) for n, c in counts]
+    if not scores:
+        raise ValueError("mean_pass_at_k: no problems to average over")
+    return sum(scores) / len(scores)
+
+
+def per_group(name: str, groups: list[str], values: list, aggregate: Callable[[list], float] | None = None
+              ) -> dict[str, float]:
+    """{"name/<group>": aggregate within each group, "name": their unweighted mean}: the
+    per-language breakdown, averaged over languages as multilingual benchmarks report it (a
+    language with more eval examples does not weigh more). `aggregate` defaults to the mean."""
+    if not values:
+        raise ValueError(f"{name}: nothing to score")
+    aggregate = aggregate or (lambda v: sum(v) / len(v))
+    by = defaultdict(list)
+    for group, value in zip(groups, values):
+        by[group].append(value)
+    out = {f"{name}/{group}": float(aggregate(v)) for group, v in sorted(by.items())}
+    return {name: sum(out.values()) / len(out), **out}

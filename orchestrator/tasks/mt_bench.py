@@ -29,8 +29,9 @@ import torch
 from . import files, hub, splits
 from .base import DataSpec, eval_mode
 from .causal_lm import InstructionTask, format_prompt
-from .generation import GenerativeTask, generate, on_rank_zero, per_group
+from .generation import GenerativeTask, generate, on_rank_zero
 from .judge import check_judge, judge_prompt, make_judge, parse_rating
+from .metrics import per_group
 
 HUB_PATH = "HuggingFaceH4/mt_bench_prompts"
 SEP = "\x1e"  # ASCII record separator: never part of a question

@@ -34,7 +34,8 @@ from typing import Any
 from . import files, hub, splits
 from .base import DataSpec, Task
 from .classification import ClassificationTask
-from .generation import GenerativeTask, per_group
+from .generation import GenerativeTask
+from .metrics import per_group
 
 LANGUAGE = "language"
 
