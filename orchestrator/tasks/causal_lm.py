@@ -88,19 +88,24 @@ class CausalLMTask(Task):
 
 def answer_loss(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, name: str) -> float:
     """Mean cross-entropy per answer token over all batches (not a mean of batch means)."""
-    tokens = 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
+    loss_sum, tokens = 0.0, 0
     for batch in batches:
-        labels = batch["labels"].to(device)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        # position t predicts token t+1: (B, T-1, V) against (B, T-1)
-        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-        loss_sum += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="sum").double()
-        tokens += int((shift_labels != IGNORE_INDEX).sum())
+        batch_sum, batch_tokens = answer_loss_sum(model, batch, device)
+        loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
     if tokens == 0:
         raise ValueError(f"{name}: evaluate got no answer tokens (no batches, or all labels -100)")
-    return loss_sum.item() / tokens
+    return loss_sum / tokens
+
+
+def answer_loss_sum(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[float, int]:
+    """(summed cross-entropy, number of answer tokens) of one batch."""
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    # position t predicts token t+1: (B, T-1, V) against (B, T-1)
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss.item(), int((shift_labels != IGNORE_INDEX).sum())
 
 
 class InstructionTask(CausalLMTask):

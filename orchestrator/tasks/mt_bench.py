@@ -29,7 +29,7 @@ import torch
 from . import files, hub, splits
 from .base import DataSpec, eval_mode
 from .causal_lm import InstructionTask, format_prompt
-from .generation import GenerativeTask, generate, on_rank_zero
+from .generation import GenerativeTask, generate, on_rank_zero, sharded_map
 from .judge import check_judge, judge_prompt, make_judge, parse_rating
 from .metrics import per_group
 
@@ -118,22 +118,21 @@ class MtBenchTask(GenerativeTask):
     def evaluate(self, model: torch.nn.Module, batches: list[dict[str, Any]], tokenizer=None) -> dict[str, float]:
         if tokenizer is None:
             raise ValueError("mt_bench: evaluate needs the tokenizer to decode what the model writes")
-        examples, answers = [], []  # answers[i] = [turn 1 answer, turn 2 answer (if any)]
+
+        def both_turns(batch: dict[str, Any]) -> list[list[str]]:
+            """[[turn 1 answer, turn 2 answer], ...]; one-turn questions keep the first only."""
+            firsts = generate(model, tokenizer, batch, device)
+            # Always a second call, even for a batch of one-turn questions (asked again, answer
+            # dropped): under ZeRO-3 every rank must make the same number of generate calls.
+            follow = [dict(ex, prompt=second_turn_prompt(turns[0], a, turns[-1]))
+                      for ex, a in zip(batch["examples"], firsts) for turns in [ex["turns"].split(SEP)]]
+            spec = DataSpec(name=self.name, max_length=batch["max_length"], max_new_tokens=batch["max_new_tokens"])
+            seconds = generate(model, tokenizer, self.collate_eval(tokenizer, follow, spec), device)
+            return [[a, b] if SEP in ex["turns"] else [a] for ex, a, b in zip(batch["examples"], firsts, seconds)]
+
         with eval_mode(model) as device:
-            for batch in batches:
-                firsts = generate(model, tokenizer, batch, device)
-                examples += batch["examples"]
-                answers += [[a] for a in firsts]
-                follow = [dict(ex, prompt=second_turn_prompt(turns[0], a, turns[1]))
-                          for ex, a in zip(batch["examples"], firsts)
-                          if len(turns := ex["turns"].split(SEP)) > 1]
-                if follow:  # every rank has the same questions, so every rank takes this branch
-                    spec = DataSpec(name=self.name, max_length=batch["max_length"],
-                                    max_new_tokens=batch["max_new_tokens"])
-                    seconds = iter(generate(model, tokenizer, self.collate_eval(tokenizer, follow, spec), device))
-                    for ex, pair in zip(batch["examples"], answers[-len(firsts):]):
-                        if SEP in ex["turns"]:
-                            pair.append(next(seconds))
+            answers = [pair for pairs in sharded_map(batches, both_turns) for pair in pairs]
+        examples = [ex for batch in batches for ex in batch["examples"]]
         # The judge config rides in the batches: evaluate() sees batches, not the sweep file.
         return on_rank_zero(lambda: self.judge_all(batches[0]["judge"], examples, answers))
 

@@ -462,3 +462,119 @@ def test_generative_tasks_are_registered():
     for name in ("gsm8k", "humaneval", "flores", "mt_bench"):
         assert isinstance(TASKS[name], GenerativeTask) and TASKS[name].kind == "causal_lm"
     assert TASKS["xnli"].kind == "classification" and TASKS["xnli"].num_labels == 3
+
+
+# -- the Hub loaders, on local copies laid out as the Hub repositories are -------------------------
+
+def hub_repo(root: Path, configs: dict[str, dict[str, list[dict]]]) -> str:
+    """A dataset repository as on the Hub: README.md declaring the configs, one parquet per split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    meta = []
+    for config, split_rows in configs.items():
+        files = []
+        for split, rows in split_rows.items():
+            (root / config).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), root / config / f"{split}-00000-of-00001.parquet")
+            files.append({"split": split, "path": f"{config}/{split}-*.parquet"})
+        meta.append({"config_name": config, "data_files": files})
+    (root / "README.md").write_text("---\n" + yaml.safe_dump({"configs": meta}) + "---\n")
+    return str(root)
+
+
+def jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
+
+
+def test_hub_loaders_read_hub_shaped_repositories(tmp_path, monkeypatch):
+    from orchestrator.tasks import mt_bench as mt_module
+
+    gsm = hub_repo(tmp_path / "gsm8k", {"main": {"train": jsonl("gsm8k_train.jsonl"), "test": jsonl("gsm8k_test.jsonl")}})
+    monkeypatch.setattr(type(get_task("gsm8k")), "HUB_PATH", gsm)
+    train, evals = get_task("gsm8k").load(DataSpec(name="gsm8k"))
+    assert (len(train), len(evals)) == (4, 2)
+
+    label_id = {"entailment": 0, "neutral": 1, "contradiction": 2}
+    xnli = {}
+    for split, name in (("train", "xnli_train.jsonl"), ("validation", "xnli_validation.jsonl")):
+        for row in jsonl(name):  # the Hub's configs are per language, labels as ints, no language column
+            lang = row.pop("language")
+            row["label"] = label_id.get(row["label"], row["label"])
+            xnli.setdefault(lang, {}).setdefault(split, []).append(row)
+    monkeypatch.setattr(type(get_task("xnli")), "HUB_PATH", hub_repo(tmp_path / "xnli", xnli))
+    train, evals = get_task("xnli").load(DataSpec(name="xnli", languages=["fr", "de"], samples_per_language=3))
+    assert sorted(r["language"] for r in train) == ["de"] * 3 + ["fr"] * 3 and len(evals) == 8
+
+    flores = {}
+    for split in ("dev", "devtest"):
+        for row in jsonl(f"flores_{split}.jsonl"):
+            flores.setdefault(row.pop("language"), {}).setdefault(split, []).append(row)
+    monkeypatch.setattr(type(get_task("flores")), "HUB_PATH", hub_repo(tmp_path / "flores", flores))
+    train, evals = get_task("flores").load(DataSpec(name="flores", languages=["deu_Latn"], samples_per_language=2))
+    assert len(train) == 2 and len(evals) == 2 and {r["language"] for r in train + evals} == {"deu_Latn"}
+
+    prompts = [{"prompt": q["turns"], "prompt_id": q["question_id"], "category": q["category"],
+                "reference": q.get("reference") or []} for q in jsonl("mt_bench_questions.jsonl")]
+    monkeypatch.setattr(mt_module, "HUB_PATH", hub_repo(tmp_path / "mt", {"default": {"train": prompts}}))
+    questions = mt_module.read_questions(None)
+    assert [q["turns"] for q in questions] == [q["turns"] for q in jsonl("mt_bench_questions.jsonl")]
+    assert questions[1]["reference"] == ["51", "2601"] and questions[0]["reference"] == []
+
+
+# -- generation split across data-parallel ranks ----------------------------------------------------
+
+def _sharded_eval_worker(rank: int, world: int, port: int, folder: str, out: str):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    task, spec = get_task("gsm8k"), gsm8k_spec(max_new_tokens=64)
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    train, _ = task.load(spec)
+    scores = task.evaluate(model, eval_batches(task, tokenizer, train[:3], spec, size=1), tokenizer)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, scores)
+    if rank == 0:
+        Path(out).write_text(json.dumps(everyone))
+    dist.destroy_process_group()
+
+
+def test_generation_split_across_ranks_gives_the_single_process_scores(tokenizer, tmp_path):
+    """3 eval batches on 2 ranks (one rank repeats a batch to keep step): the same eval_loss and
+    exact_match as one process, on every rank."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    task, spec = get_task("gsm8k"), gsm8k_spec(max_new_tokens=64)
+    train, _ = task.load(spec)
+    model = tiny_lm(tokenizer)
+    memorize(model, task, tokenizer, train[:2])  # two answers learned, the third not: 2/3
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    alone = task.evaluate(model, eval_batches(task, tokenizer, train[:3], spec, size=1), tokenizer)
+    assert alone["exact_match"] == pytest.approx(2 / 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "scores.json"
+    context = mp.start_processes(_sharded_eval_worker, args=(2, port, str(tmp_path / "model"), str(out)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish within 300 s")
+    on_rank_0, on_rank_1 = json.loads(out.read_text())
+    assert on_rank_0 == on_rank_1
+    assert on_rank_0["exact_match"] == alone["exact_match"]
+    assert on_rank_0["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-4)
