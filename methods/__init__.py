@@ -15,6 +15,7 @@ from .model import (
     adapter_state_dict,
     after_backward,
     apply_method,
+    check_method,
     count_parameters,
     load_adapter,
     merge_adapter,
@@ -29,7 +30,7 @@ from .unitary import UnitaryConfig, UnitaryLinear
 __all__ = [
     "DEFAULT_TARGET_MODULES", "METHODS", "AdapterLayer", "BoftConfig", "BoftLinear", "ConfigError",
     "FullConfig", "GateConfig", "HybridConfig", "HybridLinear", "gate_history", "gate_values", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
-    "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "config_for",
+    "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "check_method", "config_for",
     "count_parameters", "estimate_gradients", "get_method", "hf_loss", "load_adapter", "merge_adapter",
     "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",
     "UnitaryConfig", "UnitaryLinear",

@@ -63,6 +63,21 @@ def _attach(
     return model
 
 
+def check_method(model: nn.Module, cfg: MethodConfig, modules_to_save: Sequence[str] = ()) -> int:
+    """Validate `cfg` against `model` without changing it: build every target layer (each checks
+    its shapes and raises naming the layer and the field) and discard them. Works on a model built
+    on the meta device, so a sweep checks a 70B model's shapes before anything is launched.
+    Returns the number of target layers."""
+    method = get_method(cfg.method)
+    _check_modules_to_save(model, modules_to_save)
+    if method.layer_cls is None:
+        return 0
+    targets = list(find_targets(model, cfg.target_modules))
+    for name, module in targets:
+        method.layer_cls(module, cfg, name)
+    return len(targets)
+
+
 def _check_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
     known = dict(model.named_modules())
     for name in names:

@@ -8,6 +8,7 @@ the line to change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Literal
 
@@ -210,4 +211,44 @@ def validate_trial(cfg: TrialConfig) -> Target:
     if cfg.model.name_or_path and os.path.sep in cfg.model.name_or_path and not os.path.isdir(cfg.model.name_or_path):
         if cfg.model.name_or_path.startswith((".", "/", "~")):
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: folder not found")
+    check_model_fit(cfg, task)
     return Target(metric, task.mode_of(metric), float(value))
+
+
+def check_model_fit(cfg: TrialConfig, task) -> None:
+    """The method's layers built against the model's real shapes, on the meta device (no weights
+    read, no memory): a block size that does not divide a width, a pattern that matches no layer or
+    a missing modules_to_save fails here, naming the layer, before anything is launched. Skipped
+    when the model's config cannot be read here (a hub name while offline); the worker checks again."""
+    from orchestrator.tasks import default_model_path
+
+    model = meta_model(cfg.model.name_or_path or str(default_model_path()), task.kind, task.num_labels)
+    if model is None:
+        return
+    try:
+        methods.check_method(model, cfg.method.build(), cfg.model.modules_to_save or ())
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"method {cfg.method.name} on model {cfg.model.name_or_path or 'MiniLM'}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def meta_model(path: str, kind: str, num_labels: int | None):
+    """The model's architecture on the meta device (config.json only), or None if unreadable."""
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):  # offline hub name, gguf-only folder, unknown architecture
+        return None
+    with torch.device("meta"):
+        if kind == "classification":
+            config.num_labels = num_labels
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForCausalLM.from_config(config)

@@ -27,9 +27,18 @@ import yaml
 import methods
 from methods.config import ConfigError, check, check_choice, from_dict
 from orchestrator import space
-from orchestrator.config import (DeepSpeedConfig, ModelConfig, ResourcesConfig, Target, TargetConfig,
-                                 TrainConfig, TrialConfig, validate_trial)
-from orchestrator.tasks import DataSpec
+from orchestrator.config import (
+    DeepSpeedConfig,
+    ModelConfig,
+    ResourcesConfig,
+    Target,
+    TargetConfig,
+    TrainConfig,
+    TrialConfig,
+    check_model_fit,
+    validate_trial,
+)
+from orchestrator.tasks import DataSpec, get_task
 
 Scheduler = Literal["fifo", "asha"]
 SearchAlg = Literal["random", "grid", "optuna"]
@@ -310,10 +319,15 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
             try:
                 cfg = TrialConfig.from_dict(spec.trial_dict(method, corner, spec.tune.seeds[0]))
                 if validate_data and not checked_data:
-                    validate_trial(cfg)
+                    validate_trial(cfg)  # data, target and this corner's fit to the model
                     checked_data = True
+                elif validate_data:  # every other corner: its layers against the model's shapes
+                    check_model_fit(cfg, get_task(cfg.data.name))
             except (ConfigError, ValueError) as e:
                 msg = str(e)
+                if msg.startswith("method "):  # a shape error: say which corner of the space
+                    values = ", ".join(f"{k}={v}" for k, v in corner.items()) or "defaults"
+                    msg = f"methods.{method} ({values}): {msg.split(': ', 1)[1]}"
                 for section in TRIAL_SECTIONS:  # a per-method override: point at the method's entry
                     if msg.startswith(section + ".") and any(k.startswith(section + ".") for k in entries):
                         msg = f"methods.{method}.{msg}"

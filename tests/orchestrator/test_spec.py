@@ -185,3 +185,18 @@ def test_benchmark_tasks_in_sweep_files(tmp_path, capsys):
     assert "s.yaml" in err and "data.judge.modle: unknown key" in err
     assert main(["describe", "gsm8k"]) == 0
     assert "exact_match >= 0.35" in capsys.readouterr().out
+
+
+def test_shape_errors_are_found_before_launch_on_the_meta_device(tmp_path, capsys):
+    """A BOFT block size that does not divide MiniLM's width 384 fails validation, naming the
+    layer; nothing is loaded but config.json (the model is built on the meta device)."""
+    import ray
+
+    bad = {**GOOD, "methods": {"boft": {"block_size": {"grid": [8, 5]}}}}
+    assert main(["validate", write(tmp_path, bad)]) == 2
+    err = capsys.readouterr().err
+    assert "s.yaml" in err and "attention.self.query: in_features (384) must be divisible by block_size (5)" in err
+    assert not ray.is_initialized()
+    typo = {**GOOD, "methods": {"lora": {"target_modules": ["q_proj"]}}}  # Llama's name, not BERT's
+    assert main(["validate", write(tmp_path, typo)]) == 2
+    assert "target_modules=('q_proj',) matched no nn.Linear/Conv1D module" in capsys.readouterr().err
