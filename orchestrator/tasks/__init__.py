@@ -6,7 +6,8 @@
     task.validate(spec)                    # before ray.init: files, splits, columns
     train, evals = task.load(spec)         # list[dict] each, deterministic by spec.seed
     batch = task.collate(tokenizer, train[:8], max_length=spec.max_length)
-    scores = task.evaluate(model, batches) # {"eval_loss": ..., "accuracy": ..., ...}
+    eval_batch = task.collate_eval(tokenizer, evals[:16], spec)  # generative tasks add the prompts
+    scores = task.evaluate(model, eval_batches, tokenizer)  # {"eval_loss": ..., "accuracy": ..., ...}
 
 | task | kind | source | default metric (mode) |
 |---|---|---|---|
