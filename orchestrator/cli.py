@@ -31,9 +31,19 @@ def cmd_validate(args) -> int:
 
 def smoke(spec):
     """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs."""
+    from orchestrator.tasks import get_task
+
     r = dataclasses.replace
-    return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 4), eval_every=2),
-             data=r(spec.data, max_train_samples=64, max_eval_samples=32, max_length=min(spec.data.max_length, 64)),
+    task = get_task(spec.data.name)
+    # Generation dominates an evaluation: fewer eval examples (per language where there are
+    # languages) and a short generation budget.
+    generative = "max_new_tokens" in task.uses
+    data = r(spec.data, max_train_samples=64, max_length=min(spec.data.max_length, 64),
+             max_eval_samples=8 if generative or "languages" in task.uses else 32,
+             samples_per_language=min(spec.data.samples_per_language, 8))
+    if generative:
+        data = r(data, max_new_tokens=min(spec.data.max_new_tokens or task.default_max_new_tokens, 16))
+    return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 4), eval_every=2), data=data,
              tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]))
 
 

@@ -219,7 +219,8 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
     """The method's layers built against the model's real shapes, on the meta device (no weights
     read, no memory): a block size that does not divide a width, a pattern that matches no layer or
     a missing modules_to_save fails here, naming the layer, before anything is launched. Skipped
-    when the model's config cannot be read here (a hub name while offline); the worker checks again."""
+    when config.json is neither in a local folder nor in the Hugging Face cache (a hub model not yet
+    downloaded); the worker checks again when it builds the method."""
     from orchestrator.tasks import default_model_path
 
     model = meta_model(cfg.model.name_or_path or str(default_model_path()), task.kind, task.num_labels)
@@ -243,9 +244,9 @@ def meta_model(path: str, kind: str, num_labels: int | None):
         AutoModelForSequenceClassification,
     )
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):  # offline hub name, gguf-only folder, unknown architecture
+    try:  # a local folder or the Hugging Face cache only: validation never waits on the network
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):  # a hub name not yet downloaded, gguf-only folder, unknown architecture
         return None
     with torch.device("meta"):
         if kind == "classification":
