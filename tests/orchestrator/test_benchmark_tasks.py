@@ -578,3 +578,19 @@ def test_generation_split_across_ranks_gives_the_single_process_scores(tokenizer
     assert on_rank_0 == on_rank_1
     assert on_rank_0["exact_match"] == alone["exact_match"]
     assert on_rank_0["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-4)
+
+
+def test_mt_bench_with_a_local_judge_model(tokenizer, tmp_path):
+    """judge: {local_model: folder} runs a causal LM with transformers on rank 0. This tiny random
+    one never writes a rating, so every answer is counted unparsed and scored 1."""
+    from tests.conftest import save_tiny_causal_lm
+
+    judge = save_tiny_causal_lm(str(tmp_path / "judge"))
+    task = get_task("mt_bench")
+    spec = mt_spec({"local_model": judge, "max_tokens": 16}, max_new_tokens=4, max_length=128)
+    task.validate(spec)
+    _, evals = task.load(spec)
+    scores = task.evaluate(tiny_lm(tokenizer), eval_batches(task, tokenizer, evals, spec), tokenizer)
+    assert scores["judge_unparsed"] == 5.0 and scores["mt_bench_score"] == 1.0
+    with pytest.raises(ValueError, match=r"data\.judge\.local_model='/nowhere': folder not found"):
+        task.validate(mt_spec({"local_model": "/nowhere"}))
