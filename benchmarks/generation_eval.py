@@ -27,8 +27,8 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.step_time import write_section  # noqa: E402
-from orchestrator.tasks import DataSpec, default_model_path, get_task  # noqa: E402
+from benchmarks.step_time import write_section
+from orchestrator.tasks import DataSpec, default_model_path, get_task
 
 
 def build(args):
