@@ -34,6 +34,8 @@ from .judge import check_judge, judge_prompt, make_judge, parse_rating
 from .metrics import per_group
 
 HUB_PATH = "HuggingFaceH4/mt_bench_prompts"
+CATEGORIES = (  # MT-Bench's eight; each has its mt_bench_score/<category>
+    "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SEP = "\x1e"  # ASCII record separator: never part of a question
 
 
@@ -79,7 +81,8 @@ class MtBenchTask(GenerativeTask):
     uses = frozenset({"max_new_tokens", "judge"})
 
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
-        return (*self.metrics, "mt_bench_score/turn_1", "mt_bench_score/turn_2")
+        parts = ("turn_1", "turn_2", *CATEGORIES)
+        return (*self.metrics, *(f"mt_bench_score/{p}" for p in parts))
 
     def columns(self, spec: DataSpec) -> list[tuple[str, str]]:
         return InstructionTask.columns(self, spec)
