@@ -53,15 +53,22 @@ class GenerativeTask(CausalLMTask):
 
     # -- batches ------------------------------------------------------------------------------
 
-    def prompt_ids(self, tokenizer, example: dict, max_length: int) -> list[int]:
-        """The prompt's tokens as in training (bos + prompt), keeping the last max_length."""
+    def prompt_ids(self, tokenizer, example: dict, budget: int | None) -> list[int]:
+        """The prompt's tokens as in training (bos + prompt), whole unless longer than `budget`,
+        then its last `budget` tokens (the end holds the answer cue)."""
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         ids = bos + tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
-        return ids[-max_length:]  # the end holds the answer cue
+        return ids[-budget:] if budget else ids
 
     def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
         batch = self.collate(tokenizer, examples, max_length=spec.max_length) if self.has_references else {}
-        prompts = [self.prompt_ids(tokenizer, ex, spec.max_length) for ex in examples]
+        max_new_tokens = spec.max_new_tokens or self.default_max_new_tokens
+        # Generation prompts are not cut to data.max_length (a training setting): a HumanEval
+        # problem without its `def` line or an MT-Bench turn 2 without turn 1 is a different
+        # question. Only the model's context, when the tokenizer knows it, bounds them.
+        context = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else None
+        budget = max(context - max_new_tokens, 1) if context else None
+        prompts = [self.prompt_ids(tokenizer, ex, budget) for ex in examples]
         width = max(len(p) for p in prompts)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -70,7 +77,7 @@ class GenerativeTask(CausalLMTask):
             prompt_ids[i, width - len(ids):] = torch.tensor(ids)
             prompt_mask[i, width - len(ids):] = 1
         batch.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask, examples=list(examples),
-                     max_new_tokens=spec.max_new_tokens or self.default_max_new_tokens,
+                     max_new_tokens=max_new_tokens,
                      num_samples=spec.num_samples or 1, sampling=self.sampling(spec), seed=spec.seed)
         return batch
 
@@ -127,9 +134,12 @@ def generate(model: torch.nn.Module, tokenizer, batch: dict[str, Any], device: t
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompt_ids = batch["prompt_ids"].to(device)
-    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1}
+    # Explicit decoding settings: the model's own generation_config (a repetition penalty, top-k)
+    # must not change what "greedy" or "temperature 0.8, top-p 0.95" means from one model to another.
+    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
+                              "no_repeat_ngram_size": 0, "temperature": None, "top_p": None, "top_k": None}
     if batch.get("sampling"):
-        kwargs = {"do_sample": True, "num_return_sequences": batch["num_samples"], **batch["sampling"]}
+        kwargs.update(do_sample=True, num_return_sequences=batch["num_samples"], top_k=0, **batch["sampling"])
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     # Seeded without touching the training RNG: the same samples at every evaluation and on every rank.
@@ -138,8 +148,24 @@ def generate(model: torch.nn.Module, tokenizer, batch: dict[str, Any], device: t
         out = module.generate(input_ids=prompt_ids, attention_mask=batch["prompt_mask"].to(device),
                               max_new_tokens=batch["max_new_tokens"], eos_token_id=eos, pad_token_id=pad,
                               synced_gpus=zero3_sharded(model), **kwargs)
-    texts = tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+    repeat = out.shape[0] // prompt_ids.shape[0]  # num_return_sequences rows per prompt, consecutive
+    texts = decode_completions(tokenizer, batch["prompt_ids"].repeat_interleave(repeat, 0),
+                               batch["prompt_mask"].repeat_interleave(repeat, 0), out[:, prompt_ids.shape[1]:].cpu())
     return [cut_at_stop(text, stop_strings) for text in texts]
+
+
+def decode_completions(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       new_ids: torch.Tensor) -> list[str]:
+    """The text each row added after its prompt. Decoded together with the prompt, then the decoded
+    prompt cut off: SentencePiece tokenizers (Llama, Mistral) drop the leading space of a sequence
+    they decode on its own, which would take one space of indentation off every HumanEval body."""
+    out = []
+    for ids, mask, new in zip(prompt_ids, prompt_mask, new_ids):
+        prompt = ids[mask.bool()].tolist()
+        head = tokenizer.decode(prompt, skip_special_tokens=True)
+        whole = tokenizer.decode(prompt + new.tolist(), skip_special_tokens=True)
+        out.append(whole[len(head):] if whole.startswith(head) else tokenizer.decode(new, skip_special_tokens=True))
+    return out
 
 
 def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:

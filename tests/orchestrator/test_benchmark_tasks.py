@@ -594,3 +594,29 @@ def test_mt_bench_with_a_local_judge_model(tokenizer, tmp_path):
     assert scores["judge_unparsed"] == 5.0 and scores["mt_bench_score"] == 1.0
     with pytest.raises(ValueError, match=r"data\.judge\.local_model='/nowhere': folder not found"):
         task.validate(mt_spec({"local_model": "/nowhere"}))
+
+
+def test_completions_keep_their_leading_space_with_sentencepiece_style_tokenizers():
+    """Llama/Mistral tokenizers drop the first space of a sequence decoded alone: decoding the
+    completion by itself would turn a 4-space HumanEval body into 3 spaces and fail every test."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from orchestrator.tasks.generation import decode_completions
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.normalizer = normalizers.Replace(" ", "\u2581")
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    sp.train_from_iterator(["def f(x):\n    return x\n", "def g(y):\n    return y + 1\n"] * 20,
+                           trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", pad_token="</s>")
+    full = tok("def f(x):\n    return x\n", add_special_tokens=False)["input_ids"]
+    prompt = tok("def f(x):\n", add_special_tokens=False)["input_ids"]
+    assert full[:len(prompt)] == prompt
+    assert tok.decode(full[len(prompt):]) == "   return x\n"  # the trap: one space short
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad, *prompt]])  # left-padded, as collate_eval makes them
+    mask = torch.tensor([[0] + [1] * len(prompt)])
+    new = torch.tensor([full[len(prompt):] + [tok.eos_token_id]])
+    assert decode_completions(tok, ids, mask, new) == ["    return x\n"]
