@@ -39,7 +39,7 @@ Kind = Literal["classification", "causal_lm"]
 Mode = Literal["max", "min"]
 
 # Metrics where lower is better; every other metric a task reports is maximised.
-MINIMIZED_METRICS = frozenset({"eval_loss", "perplexity"})
+MINIMIZED_METRICS = frozenset({"eval_loss", "perplexity", "judge_unparsed"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,7 @@ class Task(abc.ABC):
 
     name: str
     kind: Kind
-    metrics: tuple[str, ...]  # what evaluate() returns; always includes "eval_loss"
+    metrics: tuple[str, ...]  # what evaluate() returns; "eval_loss" wherever there are reference answers
     default_metric: str
     default_target: float  # time-to-quality threshold on default_metric (see each task's docstring)
     num_labels: int | None = None  # classification only

@@ -15,18 +15,22 @@ a sweep starts) verifies that the key is set and the endpoint answers `GET {base
 Grading follows MT-Bench's single-answer mode: the judge sees the question (and, for math,
 reasoning and coding, the reference answer), explains, and ends with "Rating: [[N]]". A reply with
 no rating counts as the lowest score (1) and is counted in `judge_unparsed`, not silently dropped.
-Calls are retried with exponential backoff on rate limits (429) and server errors (5xx).
+Calls are retried with exponential backoff on rate limits (429) and server errors (5xx), and run
+`concurrency` at a time. Only rank 0 calls the judge; on a cluster, the variable `api_key_env`
+names is passed from the driver to the workers through Ray's runtime environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from methods.config import from_dict
@@ -56,7 +60,9 @@ class JudgeConfig:
         default=None, metadata={"help": "environment variable holding the API key (never the key itself)"})
     local_model: str | None = dataclasses.field(
         default=None, metadata={"help": "a local causal-LM folder to judge with instead of an endpoint"})
-    max_tokens: int = dataclasses.field(default=512, metadata={"help": "judge reply budget"})
+    max_tokens: int = dataclasses.field(
+        default=2048, metadata={"help": "judge reply budget (a reply cut before its rating scores 1)"})
+    concurrency: int = dataclasses.field(default=8, metadata={"help": "requests in flight to an endpoint"})
     timeout_s: float = dataclasses.field(default=60.0, metadata={"help": "per request"})
     retries: int = dataclasses.field(default=3, metadata={"help": "on 429/5xx/network errors, with backoff"})
 
@@ -82,6 +88,8 @@ class JudgeConfig:
             fail("timeout_s", "must be a number > 0")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             fail("retries", "must be an integer >= 0")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
+            fail("concurrency", "must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str = "data.judge") -> JudgeConfig:
@@ -163,36 +171,54 @@ class EndpointJudge:
 
 
 class LocalJudge:
-    """Rates with a local causal LM (its chat template when it has one), greedy."""
+    """Rates with a local causal LM (its chat template when it has one), greedy, on a GPU if any."""
 
     def __init__(self, config: JudgeConfig):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.local_model)
-        self.model = AutoModelForCausalLM.from_pretrained(config.local_model).eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(config.local_model, dtype="auto").to(device).eval()
 
-    def check(self) -> None:
-        pass  # loading it in __init__ was the check
+    def inputs(self, prompt: str) -> dict:
+        tok = self.tokenizer
+        if not tok.chat_template:
+            return tok(prompt, return_tensors="pt")
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception:  # noqa: BLE001 - jinja's TemplateError: Gemma and Mistral refuse a system turn
+            merged = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{prompt}"}]
+            return tok.apply_chat_template(merged, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
     def complete(self, prompt: str) -> str:
         import torch
 
         tok = self.tokenizer
-        if tok.chat_template:
-            ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
-                                           {"role": "user", "content": prompt}],
-                                          add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        else:
-            ids = tok(prompt, return_tensors="pt")
+        ids = {k: v.to(self.model.device) for k, v in self.inputs(prompt).items()}
         with torch.no_grad():
             out = self.model.generate(**ids, max_new_tokens=self.config.max_tokens, do_sample=False,
                                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@functools.lru_cache(maxsize=2)
 def make_judge(config: JudgeConfig) -> EndpointJudge | LocalJudge:
+    """One judge per worker process, kept between evaluations (a local judge loads once)."""
     return LocalJudge(config) if config.local_model else EndpointJudge(config)
+
+
+def rate_all(config: JudgeConfig, prompts: list[str]) -> list[float | None]:
+    """The judge's rating of every prompt (None: no rating in the reply), in order. An endpoint
+    gets `concurrency` requests at a time: 160 MT-Bench answers one by one at ~10 s each would
+    keep the other ranks waiting for half an hour."""
+    judge = make_judge(config)
+    if isinstance(judge, LocalJudge) or config.concurrency == 1:
+        return [parse_rating(judge.complete(p)) for p in prompts]
+    with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+        return [parse_rating(reply) for reply in pool.map(judge.complete, prompts)]
 
 
 def check_judge(config: JudgeConfig) -> None:

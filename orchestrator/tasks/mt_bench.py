@@ -16,7 +16,8 @@ turns (MT-Bench's headline), with `mt_bench_score/turn_1`, `/turn_2` and one per
 answer for most questions, so no `eval_loss`. Judging runs on rank 0 only and is broadcast.
 
 A sweep with no judge configured fails at validation, and `orchestrate validate` checks that the
-endpoint answers; nothing about the judge is discovered an hour into a sweep. Default target 5.0
+key is set and the endpoint answers (from the driver: an endpoint that only the workers can reach,
+e.g. 127.0.0.1 on each node, is checked by the first evaluation instead). Default target 5.0
 (of 10): a reference point between small chat models (~3-5) and 7B chat models (~6); set your own.
 """
 
@@ -30,7 +31,7 @@ from . import files, hub, splits
 from .base import DataSpec, eval_mode
 from .causal_lm import InstructionTask, format_prompt
 from .generation import GenerativeTask, generate, on_rank_zero, sharded_map
-from .judge import check_judge, judge_prompt, make_judge, parse_rating
+from .judge import MIN_RATING, check_judge, judge_prompt, rate_all
 from .metrics import per_group
 
 HUB_PATH = "HuggingFaceH4/mt_bench_prompts"
@@ -60,8 +61,12 @@ def read_questions(path: str | None) -> list[dict]:
     for i, (qid, qturns, category, reference) in enumerate(zip(ids, turns, table["category"], table["reference"])):
         if not isinstance(qturns, list) or not qturns or not all(isinstance(t, str) and t for t in qturns):
             raise ValueError(f"{where}: row {i}: the turns must be a non-empty list of questions")
+        if isinstance(reference, str):  # a csv/parquet cell holding one reference
+            reference = [reference]
+        # One entry per turn, "" where a turn has none: turn 2's reference never shifts to turn 1.
+        refs = [r if isinstance(r, str) else "" for r in (reference or [])][:2]
         questions.append({"id": str(qid if qid is not None else i), "category": category or "general",
-                          "turns": list(qturns[:2]), "reference": [r for r in (reference or []) if r]})
+                          "turns": list(qturns[:2]), "reference": refs})
     if not questions:
         raise ValueError(f"{where}: no questions")
     return questions
@@ -91,15 +96,27 @@ class MtBenchTask(GenerativeTask):
         return {s: v for s, v in super().sources(spec).items() if s == "train"}
 
     def validate(self, spec: DataSpec) -> None:
+        """Files and judge settings, then the judge itself: its key is set and it answers (or the
+        local model's folder exists). Run before launch, on the driver; workers re-check files only."""
+        self.validate_files(spec)
+        check_judge(spec.judge)
+
+    def validate_files(self, spec: DataSpec) -> None:
         if spec.judge is None and spec.name == self.name:
             raise ValueError("data.judge: task mt_bench needs a judge model: an OpenAI-compatible endpoint "
                              "{base_url: http://host:8000/v1, model: NAME, api_key_env: VAR} or "
                              "{local_model: /path/to/model}")
         super().validate(spec)
-        check_judge(spec.judge)
+        path = (spec.data_files or {}).get("questions")
+        if path is not None:
+            where = f"data.data_files.questions={path}"
+            found = files.read_columns(path, where)
+            if "turns" not in found and "prompt" not in found:
+                raise ValueError(f"{where}: needs a 'turns' column (FastChat's question.jsonl) or 'prompt' "
+                                 f"(the Hub's mt_bench_prompts); columns found: {', '.join(found)}")
 
     def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
-        self.validate(spec)
+        self.validate_files(spec)
         (inst, _), (resp, _) = self.columns(spec)
         path, where = self.sources(spec)["train"]
         table = files.read_table(path, [inst, resp, "input"], where)
@@ -148,19 +165,18 @@ class MtBenchTask(GenerativeTask):
         raise NotImplementedError("mt_bench scores both turns in evaluate()")
 
     def judge_all(self, config, examples: list[dict], answers: list[list[str]]) -> dict[str, float]:
-        judge = make_judge(config)
-        ratings, turn_of, category_of, unparsed = [], [], [], 0
+        prompts, turn_of, category_of = [], [], []
         for ex, given in zip(examples, answers):
-            turns, refs = ex["turns"].split(SEP), [r for r in ex["reference"].split(SEP) if r]
+            turns, refs = ex["turns"].split(SEP), ex["reference"].split(SEP)
             for t in range(len(given)):
-                reply = judge.complete(judge_prompt(turns[: t + 1], given[: t + 1], refs[t] if t < len(refs) else None))
-                rating = parse_rating(reply)
-                unparsed += rating is None
-                ratings.append(rating if rating is not None else 1.0)  # no rating: the lowest score
+                reference = refs[t] if t < len(refs) and refs[t] else None
+                prompts.append(judge_prompt(turns[: t + 1], given[: t + 1], reference))
                 turn_of.append(f"turn_{t + 1}")
                 category_of.append(ex["category"])
+        found = rate_all(config, prompts)
+        ratings = [r if r is not None else MIN_RATING for r in found]  # no rating: the lowest score
         by_turn = per_group("mt_bench_score", turn_of, ratings)
         by_category = per_group("mt_bench_score", category_of, ratings)
         # MT-Bench's headline is the mean over all rated turns, not over the per-turn means.
         return {**by_turn, **by_category, "mt_bench_score": sum(ratings) / len(ratings),
-                "judge_unparsed": float(unparsed)}
+                "judge_unparsed": float(sum(r is None for r in found))}

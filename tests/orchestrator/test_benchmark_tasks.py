@@ -620,3 +620,22 @@ def test_completions_keep_their_leading_space_with_sentencepiece_style_tokenizer
     mask = torch.tensor([[0] + [1] * len(prompt)])
     new = torch.tensor([full[len(prompt):] + [tok.eos_token_id]])
     assert decode_completions(tok, ids, mask, new) == ["    return x\n"]
+
+
+def test_mt_bench_references_stay_with_their_turn(tmp_path, judge_server):
+    """A question with a reference for turn 2 only: turn 1 is judged without one, turn 2 with it."""
+    from orchestrator.tasks.mt_bench import read_questions
+
+    path = tmp_path / "question.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["Pick a number.", "Square 51."],
+                                "reference": ["", "2601"]}) + "\n")
+    (question,) = read_questions(str(path))
+    assert question["reference"] == ["", "2601"]
+    config = JudgeConfig(base_url=judge_server.url, model="judge-model")
+    example = {"turns": "\x1e".join(question["turns"]), "reference": "\x1e".join(question["reference"]),
+               "category": "math"}
+    scores = get_task("mt_bench").judge_all(config, [example], [["7", "2601"]])
+    prompts = [r["body"]["messages"][-1]["content"] for r in judge_server.requests if "body" in r]
+    assert len(prompts) == 2  # sent concurrently: in any order
+    assert all(("Reference Answer" in p) == ("Square 51" in p) for p in prompts)
+    assert scores["mt_bench_score/turn_1"] == 8.0 and scores["mt_bench_score/turn_2"] == 2.0
