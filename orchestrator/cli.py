@@ -65,19 +65,29 @@ def print_plan(spec) -> None:
         print(f"  {trial_name(t['trial'], t['point'])}")
 
 
-def init_ray(address: str | None, verbose: bool = False):
+def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str] | None = None):
+    """Ray for this sweep: the cluster at `address` / $RAY_ADDRESS, else a local one. `env_vars`
+    reach every worker on a cluster (a local Ray's workers inherit this process's environment)."""
     import socket
 
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address, log_to_driver=verbose)
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+        return ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)
     with socket.socket() as s:  # our own dashboard port: its state API frees stopped trials' resources
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose)
+
+
+def worker_env(spec) -> dict[str, str]:
+    """Variables the workers need from the driver's environment: the judge's API key (by name)."""
+    judge = spec.data.judge
+    name = judge.api_key_env if judge is not None else None
+    return {name: os.environ[name]} if name and name in os.environ else {}
 
 
 def cmd_sweep(args) -> int:
@@ -95,7 +105,7 @@ def cmd_sweep(args) -> int:
     from orchestrator import tracking
 
     tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
-    init_ray(args.address, args.verbose)
+    init_ray(args.address, args.verbose, env_vars=worker_env(spec))
     results, summary = run_sweep(spec, resume=args.resume)
     rows = [[m, b["name"], fmt(b["time_to_quality_s"], 3), fmt(b["peak_memory_mb"], 5), fmt(b["metric"])]
             for m, b in sorted(summary["best"].items())]

@@ -20,6 +20,7 @@ from orchestrator.config import Target, TrialConfig, validate_trial
 from orchestrator.deepspeed_config import build_deepspeed_config
 
 REPORTS_FILE = "reports.jsonl"
+COLLECTIVE_TIMEOUT_S = 4 * 3600  # see build_trainer
 
 
 def _report_log_callback(path: str):
@@ -40,7 +41,7 @@ def _report_log_callback(path: str):
 def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str, callbacks=()):
     """The TorchTrainer for one trial; validated config in, nothing launched yet."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.worker import train_loop_per_worker
 
@@ -53,6 +54,9 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": cfg.to_dict(), "target": dataclasses.asdict(target)},
+        # Generative tasks score on rank 0 (a sandbox, a judge) while the other ranks wait in a
+        # broadcast: Ray's 30-minute default collective timeout would end a long MT-Bench judging.
+        torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker
         ),

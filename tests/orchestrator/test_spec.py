@@ -3,6 +3,7 @@ never a traceback; the plan is deterministic."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -200,3 +201,17 @@ def test_shape_errors_are_found_before_launch_on_the_meta_device(tmp_path, capsy
     typo = {**GOOD, "methods": {"lora": {"target_modules": ["q_proj"]}}}  # Llama's name, not BERT's
     assert main(["validate", write(tmp_path, typo)]) == 2
     assert "target_modules=('q_proj',) matched no nn.Linear/Conv1D module" in capsys.readouterr().err
+
+
+def test_the_judge_key_is_passed_to_cluster_workers_by_name(tmp_path, monkeypatch):
+    from orchestrator.cli import worker_env
+    from orchestrator.tasks import DataSpec
+
+    spec = load_sweep(write(tmp_path, GOOD))
+    assert worker_env(spec) == {}
+    judged = dataclasses.replace(spec, data=DataSpec(name="mt_bench", judge={"base_url": "http://h:1/v1", "model": "m",
+                                                                            "api_key_env": "JUDGE_KEY_T"}))
+    monkeypatch.delenv("JUDGE_KEY_T", raising=False)
+    assert worker_env(judged) == {}
+    monkeypatch.setenv("JUDGE_KEY_T", "sk-1")
+    assert worker_env(judged) == {"JUDGE_KEY_T": "sk-1"}
