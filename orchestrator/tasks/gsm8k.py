@@ -65,6 +65,10 @@ class Gsm8kTask(GenerativeTask):
     def columns(self, spec: DataSpec) -> list[tuple[str, str]]:
         return [(spec.text_field or QUESTION, "text_field"), (spec.label_field or ANSWER, "label_field")]
 
+    def validate(self, spec: DataSpec) -> None:
+        super().validate(spec)
+        hub.no_renames(self, spec)
+
     def read(self, spec: DataSpec) -> dict[str, tuple[str, dict[str, list]]]:
         if spec.data_files is not None:
             wanted = [c for c, _ in self.columns(spec)]

@@ -63,6 +63,12 @@ def per_language(rows: list[dict], languages: tuple[str, ...], k: int | None, se
     return out
 
 
+def languages_in(path: str, where: str) -> tuple[str, ...]:
+    """The distinct values of a local file's language column, in order of appearance."""
+    values = files.read_table(path, [LANGUAGE], where)[LANGUAGE]
+    return tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
+
+
 def check_languages(task: Task, spec: DataSpec, known: tuple[str, ...]) -> None:
     """On the Hub every config is known in advance: an unknown language is a validation error."""
     if spec.data_files is None and spec.languages:
@@ -83,7 +89,12 @@ class XnliTask(ClassificationTask):
                          ("accuracy",), default_target=0.50)
 
     def languages(self, spec: DataSpec) -> tuple[str, ...]:
-        return spec.languages or XNLI_LANGUAGES
+        """The languages asked for; else those in the local training file; else all 15."""
+        if spec.languages:
+            return spec.languages
+        if spec.data_files is not None:
+            return languages_in(*self.sources(spec)["train"])
+        return XNLI_LANGUAGES
 
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
         return (*self.metrics, *(f"accuracy/{x}" for x in self.languages(spec)))
@@ -94,6 +105,7 @@ class XnliTask(ClassificationTask):
     def validate(self, spec: DataSpec) -> None:
         super().validate(spec)
         check_languages(self, spec, XNLI_LANGUAGES)
+        hub.no_renames(self, spec)
 
     def read(self, spec: DataSpec) -> dict[str, tuple[str, dict[str, list]]]:
         if spec.data_files is not None:
@@ -101,10 +113,11 @@ class XnliTask(ClassificationTask):
         tables = {}
         for split in self.split_names:
             merged: dict[str, list] = {"premise": [], "hypothesis": [], "label": [], LANGUAGE: []}
+            limit = spec.samples_per_language if split == "train" else spec.max_eval_samples
             for language in self.languages(spec):
                 part = hub.load_split(self.HUB_PATH, language, split, self.name,
                                       "{train: train.jsonl, validation: validation.jsonl} with columns "
-                                      "premise, hypothesis, label, language")
+                                      "premise, hypothesis, label, language", limit=limit, seed=spec.seed)
                 for column in ("premise", "hypothesis", "label"):
                     merged[column] += part[column]
                 merged[LANGUAGE] += [language] * len(part["label"])
@@ -135,7 +148,7 @@ class XnliTask(ClassificationTask):
             eval_where = train_where + " (held out)"
         train = per_language(train, languages, spec.samples_per_language, spec.seed, "train", train_where)
         evals = per_language(evals, languages, spec.max_eval_samples, spec.seed, "eval", eval_where)
-        return splits.subsample(train, None, spec.seed, "train"), evals
+        return splits.subsample(train, spec.max_train_samples, spec.seed, "train"), evals
 
     def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
         batch = super().collate_eval(tokenizer, examples, spec)
@@ -157,7 +170,12 @@ class FloresTask(GenerativeTask):
     HUB_PATH = "facebook/flores"
 
     def languages(self, spec: DataSpec) -> tuple[str, ...]:
-        return spec.languages or tuple(FLORES_NAMES)
+        """The languages asked for; else those in the local dev file but English; else 14 (XNLI's)."""
+        if spec.languages:
+            return spec.languages
+        if spec.data_files is not None:
+            return tuple(x for x in languages_in(*self.sources(spec)["dev"]) if x != FLORES_SOURCE)
+        return tuple(FLORES_NAMES)
 
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
         return (*self.metrics, *(f"chrf/{x}" for x in self.languages(spec)))
@@ -167,6 +185,10 @@ class FloresTask(GenerativeTask):
 
     def validate(self, spec: DataSpec) -> None:
         super().validate(spec)
+        for field in ("text_field", "label_field"):
+            if getattr(spec, field) is not None:
+                raise ValueError(f"data.{field}: task flores reads the columns id, sentence, language; "
+                                 "rename the columns in the file instead")
         if spec.languages and FLORES_SOURCE in spec.languages:
             raise ValueError(f"data.languages: {FLORES_SOURCE} is the source language; list target languages")
         if spec.data_files is None and spec.languages:  # FLORES codes look like xxx_Scrp
@@ -208,10 +230,7 @@ class FloresTask(GenerativeTask):
 
     def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
         self.validate(spec)
-        languages = self.languages(spec) if spec.data_files is None or spec.languages else None
-        if languages is None:  # local files, no list given: every language in the dev file but English
-            where, table = self.read_split(spec, "dev")
-            languages = tuple(x for x in dict.fromkeys(table[LANGUAGE]) if x != FLORES_SOURCE)
+        languages = self.languages(spec)
         where, dev = self.pairs(spec, "dev", languages)
         train = per_language(dev, languages, spec.samples_per_language, spec.seed, "train", where)
         if spec.data_files is None or "devtest" in spec.data_files:
@@ -220,7 +239,7 @@ class FloresTask(GenerativeTask):
             taken = {(ex[LANGUAGE], ex["prompt"]) for ex in train}
             devtest = [ex for ex in dev if (ex[LANGUAGE], ex["prompt"]) not in taken]
         evals = per_language(devtest, languages, spec.max_eval_samples, spec.seed, "eval", where)
-        return splits.subsample(train, None, spec.seed, "train"), evals
+        return splits.subsample(train, spec.max_train_samples, spec.seed, "train"), evals
 
     def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:
         from sacrebleu.metrics import CHRF

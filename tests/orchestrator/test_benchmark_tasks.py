@@ -639,3 +639,37 @@ def test_mt_bench_references_stay_with_their_turn(tmp_path, judge_server):
     assert len(prompts) == 2  # sent concurrently: in any order
     assert all(("Reference Answer" in p) == ("Square 51" in p) for p in prompts)
     assert scores["mt_bench_score/turn_1"] == 8.0 and scores["mt_bench_score/turn_2"] == 2.0
+
+
+def test_multilingual_and_gsm8k_validation_gaps_are_closed(tmp_path):
+    # per-language targets come from the languages of a local file when none are listed
+    assert get_task("flores").metrics_for(flores_spec()) == ("eval_loss", "chrf", "chrf/fra_Latn", "chrf/deu_Latn")
+    assert get_task("xnli").metrics_for(xnli_spec())[2:] == ("accuracy/en", "accuracy/fr", "accuracy/de")
+    # column renames apply to local files only
+    with pytest.raises(ValueError, match=r"data\.text_field='q': applies to local data_files only"):
+        get_task("gsm8k").validate(DataSpec(name="gsm8k", text_field="q"))
+    with pytest.raises(ValueError, match=r"data\.label_field='y': applies to local data_files only"):
+        get_task("xnli").validate(DataSpec(name="xnli", label_field="y"))
+    with pytest.raises(ValueError, match=r"data\.text_field: task flores reads the columns id, sentence"):
+        get_task("flores").validate(flores_spec(text_field="text"))
+    # max_train_samples caps the k-per-language draw
+    assert len(get_task("xnli").load(xnli_spec(max_train_samples=5))[0]) == 5
+    assert len(get_task("flores").load(flores_spec(max_train_samples=3))[0]) == 3
+    # an MT-Bench questions file is checked before launch
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps({"question": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"questions=.*needs a 'turns' column"):
+        get_task("mt_bench").validate_files(DataSpec(
+            name="mt_bench", data_files={"train": str(DATA / "code_train.jsonl"), "questions": str(bad)},
+            text_field="prompt", label_field="completion", judge={"local_model": str(tmp_path)}))
+    assert get_task("mt_bench").mode_of("judge_unparsed") == "min"
+
+
+def test_hub_errors_tell_a_missing_config_from_no_access(tmp_path, monkeypatch):
+    gsm = hub_repo(tmp_path / "gsm8k", {"main": {"train": jsonl("gsm8k_train.jsonl")}})
+    from orchestrator.tasks import hub
+
+    with pytest.raises(ValueError, match=r"flores: .* config 'fra_latn' split 'dev'"):
+        hub.load_split(gsm, "fra_latn", "dev", "flores", "-")
+    rows = hub.load_split(gsm, "main", "train", "gsm8k", "-", limit=2, seed=1)
+    assert len(rows["question"]) == 2 and rows == hub.load_split(gsm, "main", "train", "gsm8k", "-", limit=2, seed=1)
