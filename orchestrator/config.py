@@ -226,6 +226,13 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
     model = meta_model(cfg.model.name_or_path or str(default_model_path()), task.kind, task.num_labels)
     if model is None:
         return
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and cfg.data.max_length > context:
+        raise ConfigError(f"data.max_length={cfg.data.max_length}: longer than the model's context ({context} tokens)")
+    new_tokens = cfg.data.max_new_tokens or getattr(task, "default_max_new_tokens", 0)
+    if context and "max_new_tokens" in task.uses and new_tokens >= context:
+        raise ConfigError(f"data.max_new_tokens={new_tokens}: leaves no room for the prompt in the model's "
+                          f"context ({context} tokens)")
     try:
         methods.check_method(model, cfg.method.build(), cfg.model.modules_to_save or ())
     except ConfigError:

@@ -12,7 +12,8 @@ Training: causal LM on prompt "Question: ...\\nAnswer:" -> the worked solution, 
 calculator annotations (`<<48/2=24>>`) removed: they are tool calls of the original paper's
 calculator, not text a model should learn to write. Evaluation: the model writes a solution
 greedily (batched; stops at eos or at a new "Question:"); `exact_match` is the share of problems
-where the number after the completion's first `####` equals the reference's, compared as numbers
+where the number after the completion's first `####` (one followed by a number) equals the
+reference's, compared as numbers
 after removing thousands separators and a `$` ("1,000" = "1000" = "$1000.00"). A completion with
 no `####` line scores 0 (the strict reading: the fine-tuned model must learn the format).
 `eval_loss` is the answer-token loss of the reference solutions.

@@ -673,3 +673,17 @@ def test_hub_errors_tell_a_missing_config_from_no_access(tmp_path, monkeypatch):
         hub.load_split(gsm, "fra_latn", "dev", "flores", "-")
     rows = hub.load_split(gsm, "main", "train", "gsm8k", "-", limit=2, seed=1)
     assert len(rows["question"]) == 2 and rows == hub.load_split(gsm, "main", "train", "gsm8k", "-", limit=2, seed=1)
+
+
+def test_generation_budget_is_checked_against_the_model_context(tmp_path):
+    from tests.conftest import save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(str(tmp_path / "model"))  # 512 positions
+    data = {"name": "gsm8k", "data_files": gsm8k_spec().data_files}
+    ok = TrialConfig.from_dict({"data": {**data, "max_new_tokens": 128}, "model": {"name_or_path": model}})
+    validate_trial(ok)
+    for extra, match in (({"max_new_tokens": 512}, r"data\.max_new_tokens=512: leaves no room for the prompt"),
+                         ({"max_length": 1024}, r"data\.max_length=1024: longer than the model's context \(512")):
+        bad = TrialConfig.from_dict({"data": {**data, **extra}, "model": {"name_or_path": model}})
+        with pytest.raises(ConfigError, match=match):
+            validate_trial(bad)
