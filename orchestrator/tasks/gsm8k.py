@@ -13,10 +13,9 @@ calculator annotations (`<<48/2=24>>`) removed: they are tool calls of the origi
 calculator, not text a model should learn to write. Evaluation: the model writes a solution
 greedily (batched; stops at eos or at a new "Question:"); `exact_match` is the share of problems
 where the number after the completion's first `####` (one followed by a number) equals the
-reference's, compared as numbers
-after removing thousands separators and a `$` ("1,000" = "1000" = "$1000.00"). A completion with
-no `####` line scores 0 (the strict reading: the fine-tuned model must learn the format).
-`eval_loss` is the answer-token loss of the reference solutions.
+reference's, compared as numbers after removing thousands separators and a `$` ("1,000" = "1000"
+= "$1000.00"). A completion with no `####` line scores 0 (the strict reading: the fine-tuned model
+must learn the format). `eval_loss` is the answer-token loss of the reference solutions.
 
 Default target: exact_match 0.35, a reference point near what LoRA-tuned 7B models report; a
 small model will not reach it, so a sweep file for one should set its own.
