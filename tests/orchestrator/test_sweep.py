@@ -29,8 +29,9 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
         "train": {"max_steps": 12, "batch_size": 8, "eval_every": 3, "lr": 2e-3, "checkpoint_every": 0},
         "methods": {
             "lora": {"r": {"grid": [4, 8]}, "train.lr": {"loguniform": [1.0e-3, 3.0e-3]}},
-            # 384 % 5 != 0: this trial fails inside its workers, at apply time
-            "boft": {"block_size": {"grid": [4, 5]}},
+            # 192 examples over 2 workers is 96 each, fewer than one micro batch of 128: this trial
+            # passes validation (which reads no data) and fails inside its workers
+            "boft": {"block_size": 4, "train.batch_size": {"grid": [8, 256]}},
         },
         "tune": {"num_samples": 1, "seeds": [0], "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
         "resources": {"num_workers": 2, "cpus_per_worker": 0.49},
@@ -51,8 +52,8 @@ def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_ses
     trials = {t["name"]: t for t in summary["trials"]}
     assert len(trials) == 4
     failed = [t for t in trials.values() if t["status"] == "ERROR"]
-    assert [t["name"] for t in failed] == ["boft-b5-seed0"]
-    assert "block_size (5)" in failed[0]["error"] or "block_size" in str(results.errors[0])
+    assert [t["name"] for t in failed] == ["boft-b4-batch_size256-seed0"]
+    assert "fewer than one micro batch" in failed[0]["error"] or "micro batch" in str(results.errors[0])
     ok = [t for t in trials.values() if t["status"] == "TERMINATED"]
     assert len(ok) == 3 and all(t["metric"] is not None and t["step"] for t in ok)
     reasons = {t["stop_reason"] for t in ok}
@@ -69,7 +70,7 @@ def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_ses
     children = [r for r in runs if kv(r, "tags").get("mlflow.parentRunId") == parent["info"]["run_id"]]
     by_name = {r["info"]["run_name"]: r for r in children}
     assert set(by_name) == set(trials)
-    assert by_name["boft-b5-seed0"]["info"]["status"] == "FAILED"
+    assert by_name["boft-b4-batch_size256-seed0"]["info"]["status"] == "FAILED"
     for name, t in trials.items():
         run = by_name[name]
         params, tags = kv(run, "params"), kv(run, "tags")
