@@ -49,7 +49,8 @@ def build(args):
 
 
 def timed_eval(task, tokenizer, model, batches, split: bool = True) -> float:
-    from orchestrator.tasks.generation import generate, sharded_map
+    from orchestrator.tasks.distributed import sharded_map
+    from orchestrator.tasks.generation import generate
 
     def one(b):
         return generate(model, tokenizer, b, torch.device("cpu"), task.stop_strings)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import files, splits
 from .base import DataSpec, Task, eval_mode
+from .distributed import sharded_map
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index, and Hugging Face's
 CONTEXT_COLUMN = "input"
@@ -87,11 +88,10 @@ class CausalLMTask(Task):
 
 
 def answer_loss(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, name: str) -> float:
-    """Mean cross-entropy per answer token over all batches (not a mean of batch means)."""
-    loss_sum, tokens = 0.0, 0
-    for batch in batches:
-        batch_sum, batch_tokens = answer_loss_sum(model, batch, device)
-        loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
+    """Mean cross-entropy per answer token over all batches (not a mean of batch means), the
+    batches split across data-parallel ranks."""
+    sums = sharded_map(list(batches), lambda batch: answer_loss_sum(model, batch, device))
+    loss_sum, tokens = sum(s for s, _ in sums), sum(n for _, n in sums)
     if tokens == 0:
         raise ValueError(f"{name}: evaluate got no answer tokens (no batches, or all labels -100)")
     return loss_sum / tokens

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import files, splits
 from .base import DataSpec, Task, eval_mode
+from .distributed import sharded_map
 from .metrics import CLASSIFICATION_METRICS, per_group
 
 
@@ -144,26 +145,26 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], tokenizer=None) -> dict[str, float]:
-        preds, labels, groups = [], [], []
-        with eval_mode(model) as device:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
-            for batch in batches:
-                groups += batch.get("groups", [])  # e.g. each example's language, for a breakdown
-                batch = {k: v.to(device) for k, v in batch.items() if k != "groups"}
-                y = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                if logits.shape != (y.shape[0], self.num_labels):
-                    raise ValueError(f"{self.name}: model logits {tuple(logits.shape)}, expected "
-                                     f"({y.shape[0]}, {self.num_labels}); build it with num_labels={self.num_labels}")
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-                preds.append(logits.argmax(-1).cpu())
-                labels.append(y.cpu())
-        if not labels:
+        batches = list(batches)
+        if not batches:
             raise ValueError(f"{self.name}: evaluate got no batches")
-        y, p = torch.cat(labels), torch.cat(preds)
-        scores = {"eval_loss": loss_sum.item() / y.numel()}
+
+        def one(batch: dict) -> tuple[float, torch.Tensor, torch.Tensor]:
+            batch = {k: v.to(device) for k, v in batch.items() if k != "groups"}
+            y = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            if logits.shape != (y.shape[0], self.num_labels):
+                raise ValueError(f"{self.name}: model logits {tuple(logits.shape)}, expected "
+                                 f"({y.shape[0]}, {self.num_labels}); build it with num_labels={self.num_labels}")
+            return F.cross_entropy(logits, y, reduction="sum").item(), logits.argmax(-1).cpu(), y.cpu()
+
+        with eval_mode(model) as device:
+            results = sharded_map(batches, one)  # each rank scores 1/N of the batches
+        y, p = torch.cat([r[2] for r in results]), torch.cat([r[1] for r in results])
+        scores = {"eval_loss": sum(r[0] for r in results) / y.numel()}
         for name in self.metrics[1:]:
             scores[name] = CLASSIFICATION_METRICS[name](y, p)
+        groups = [g for batch in batches for g in batch.get("groups", [])]  # e.g. each example's language
         if groups:  # per group, and the headline becomes the mean over groups (each weighs the same)
             pairs = list(zip(y.tolist(), p.tolist()))
             for name in self.metrics[1:]:

@@ -13,26 +13,24 @@ does two things over the same eval batches:
    `data.max_new_tokens` (else the task's default). Under ZeRO-3 the parameters are sharded and
    every forward is a collective, so `synced_gpus` keeps all ranks stepping until the last finishes.
 
-With several data-parallel ranks, generation is the costly part of an evaluation (and its time
-counts in time-to-quality), so the eval batches are split across ranks, round-robin, and the
-completions gathered: N ranks generate N times faster. Every rank makes the same number of
-`generate` calls (a rank short of batches repeats one and drops the result), because under ZeRO-3
-each forward inside them is a collective. Scoring that is not a pure function of the text (running
-code in a sandbox, asking a judge) runs on rank 0 only and is broadcast, so ranks can never
-disagree on whether the target was reached (they must stop together) and the judge is paid once,
-not once per rank.
+With several data-parallel ranks the eval batches are split across them (`distributed.py`): N
+ranks generate N times faster. Scoring that is not a pure function of the text (running code in a
+sandbox, asking a judge) runs on rank 0 only and is broadcast, so ranks can never disagree on
+whether the target was reached (they must stop together) and the judge is paid once, not once
+per rank.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from .base import DataSpec, eval_mode
 from .causal_lm import CausalLMTask, answer_loss_sum
+from .distributed import on_rank_zero, sharded_map
 
 
 class GenerativeTask(CausalLMTask):
@@ -109,23 +107,6 @@ class GenerativeTask(CausalLMTask):
         return scores
 
 
-def sharded_map(batches: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any]) -> list[Any]:
-    """[fn(b) for b in batches], the batches split round-robin across data-parallel ranks and the
-    results gathered in order on every rank. Every rank calls fn the same number of times."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return [fn(b) for b in batches]
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    mine = list(range(rank, len(batches), world))
-    calls = -(-len(batches) // world)  # ceil: the busiest rank's share
-    results = {i: fn(batches[i]) for i in mine}
-    for _ in range(calls - len(mine)):  # keep step with the others' collectives; result dropped
-        fn(batches[0])
-    gathered: list[dict[int, Any]] = [{} for _ in range(world)]
-    torch.distributed.all_gather_object(gathered, results)
-    merged = {i: r for part in gathered for i, r in part.items()}
-    return [merged[i] for i in range(len(batches))]
-
-
 def generate(model: torch.nn.Module, tokenizer, batch: dict[str, Any], device: torch.device,
              stop_strings: tuple[str, ...] = ()) -> list[str]:
     """Completions of the batch's left-padded prompts (greedy, or `num_samples` sampled per prompt,
@@ -178,20 +159,3 @@ def zero3_sharded(model: torch.nn.Module) -> bool:
     stage = getattr(model, "zero_optimization_stage", None)
     return bool(stage and stage() == 3 and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1)
-
-
-def on_rank_zero(compute: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """`compute()` on rank 0, its result (or its error) broadcast to every rank."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return compute()
-    box: list[Any] = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            box[0] = ("ok", compute())
-        except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast, then all raise together
-            box[0] = ("error", f"{type(e).__name__}: {e}")
-    torch.distributed.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise RuntimeError(f"scoring on rank 0 failed: {value}")
-    return value

@@ -30,7 +30,8 @@ import torch
 from . import files, hub, splits
 from .base import DataSpec, eval_mode
 from .causal_lm import InstructionTask, format_prompt
-from .generation import GenerativeTask, generate, on_rank_zero, sharded_map
+from .distributed import on_rank_zero, sharded_map
+from .generation import GenerativeTask, generate
 from .judge import MIN_RATING, check_judge, judge_prompt, rate_all
 from .metrics import per_group
 
