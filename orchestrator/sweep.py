@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -25,6 +26,26 @@ from orchestrator.spec import SweepSpec
 
 DRIVER_RESOURCES = {"CPU": 0.01}
 SUMMARY_FILE = "summary.json"
+
+
+def write_summary(storage: str, name: str, summary: dict[str, Any]) -> str:
+    """<storage>/<name>/summary.json, beside Ray's results: a local folder or any URI pyarrow
+    opens (s3://, gs://, file://), as Ray's own storage does. Returns where it went."""
+    text = json.dumps(summary, indent=2, default=str)
+    if "://" not in storage:
+        path = os.path.join(storage, name, SUMMARY_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    path = f"{root.rstrip('/')}/{name}/{SUMMARY_FILE}"
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+    return f"{storage.rstrip('/')}/{name}/{SUMMARY_FILE}"
 
 
 def trial_driver(config: dict[str, Any]) -> None:
@@ -155,9 +176,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         raise KeyboardInterrupt
     summary = summarize(results, target)
     summary["wall_s"] = time.time() - started
-    if "://" not in spec.storage:
-        with open(os.path.join(storage_path(spec), spec.name, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+    try:
+        write_summary(storage_path(spec), spec.name, summary)
+    except OSError as e:  # a bucket's credentials, say: the summary still goes to MLflow below
+        print(f"warning: could not write {SUMMARY_FILE} to {spec.storage}: {e}", file=sys.stderr)
     if track:
         report_to_mlflow(spec, uri, parent, summary)
     return results, summary

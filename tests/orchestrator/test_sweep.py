@@ -146,3 +146,14 @@ def test_optuna_search_within_a_time_budget(ray_session, tmp_path):
     assert all(c["method"]["config"]["r"] in (2, 4) and 1e-3 <= c["train"]["lr"] <= 3e-3 for c in configs)
     assert all(t["status"] == "TERMINATED" and t["step"] == 3 for t in summary["trials"])
     assert summary["wall_s"] < 600
+
+
+def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
+    from orchestrator.sweep import write_summary
+
+    summary = {"best": {"lora": {"name": "lora-r4-seed0"}}, "wall_s": 1.5}
+    local = write_summary(str(tmp_path / "runs"), "s", summary)
+    assert json.loads(Path(local).read_text()) == summary
+    uri = write_summary(f"file://{tmp_path}/bucket", "s", summary)  # the pyarrow path s3:// and gs:// take
+    assert uri == f"file://{tmp_path}/bucket/s/summary.json"
+    assert json.loads((tmp_path / "bucket" / "s" / "summary.json").read_text()) == summary
