@@ -40,6 +40,42 @@ def tiny_gpt2():
 
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
+def run_ranks(worker, args: tuple = (), world: int = 2, deadline_s: float = 300) -> None:
+    """worker(rank, world, *args) in `world` processes joined in one gloo group on loopback, with
+    deadlines: a rendezvous or a collective that cannot complete fails the test, not the CI run.
+    spawn, not fork: a fork of the test process (its OpenMP pool already running) can deadlock."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_rank_main, args=(world, port, worker, args), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} ranks did not finish within {deadline_s} s")
+
+
+def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
 BENCHMARK_DATA = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
 
 

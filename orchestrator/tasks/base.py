@@ -112,7 +112,7 @@ class DataSpec:
                 fail(field, "must be a column name or null")
         if not is_int(self.max_length) or self.max_length < 2:
             fail("max_length", "must be an integer >= 2")
-        for field in ("max_train_samples", "max_eval_samples"):
+        for field in ("max_train_samples", "max_eval_samples", "max_new_tokens", "num_samples"):
             value = getattr(self, field)
             if value is not None and (not is_int(value) or value < 1):
                 fail(field, "must be an integer >= 1 or null")
@@ -130,10 +130,6 @@ class DataSpec:
             object.__setattr__(self, "languages", tuple(self.languages))
         if not is_int(self.samples_per_language) or self.samples_per_language < 1:
             fail("samples_per_language", "must be an integer >= 1")
-        for field in ("max_new_tokens", "num_samples"):
-            value = getattr(self, field)
-            if value is not None and (not is_int(value) or value < 1):
-                fail(field, "must be an integer >= 1 or null")
         if isinstance(self.judge, Mapping):  # built directly (not through from_dict)
             object.__setattr__(self, "judge", JudgeConfig.from_dict(dict(self.judge), "data.judge"))
         if self.judge is not None and not isinstance(self.judge, JudgeConfig):

@@ -39,6 +39,31 @@ IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index, and Hugging F
 CONTEXT_COLUMN = "input"
 
 
+def end_id(tokenizer) -> int | None:
+    """The token that ends an answer: eos, else [SEP] (BERT-style tokenizers have no eos)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def pad_id(tokenizer) -> int | None:
+    """What batches are padded with: the pad token, else eos (GPT-2 and Llama have no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def read_instructions(path: str, where: str, instruction_column: str, response_column: str) -> list[dict]:
+    """{"prompt", "response"} examples from a local instruction file (optional `input` column)."""
+    table = files.read_table(path, [instruction_column, response_column, CONTEXT_COLUMN], where)
+    if not table[instruction_column]:
+        raise ValueError(f"{where}: no rows")
+    rows = []
+    for i, (instruction, response, context) in enumerate(
+            zip(table[instruction_column], table[response_column], table[CONTEXT_COLUMN])):
+        for column, value in ((instruction_column, instruction), (response_column, response)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: row {i}: column {column!r} must be non-empty text, got {value!r}")
+        rows.append({"prompt": format_prompt(instruction, context), "response": response})
+    return rows
+
+
 def format_prompt(instruction: str, context: str | None = None) -> str:
     """Alpaca's prompt: the instruction, the optional input, then the response cue."""
     ctx = f"### Input:\n{context}\n\n" if context else ""
@@ -54,7 +79,7 @@ class CausalLMTask(Task):
     def encode(self, tokenizer, example: dict, max_length: int) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for one example, at most max_length long (see the module docstring)."""
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        eos_id = end_id(tokenizer)
         prompt = bos + tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(example["response"], add_special_tokens=False)["input_ids"]
         answer = answer + ([eos_id] if eos_id is not None else [])
@@ -66,12 +91,12 @@ class CausalLMTask(Task):
 
     def collate(self, tokenizer, examples: list[dict], max_length: int = 128) -> dict[str, torch.Tensor]:
         """Right-padded batch; pad = the tokenizer's pad token, else eos (GPT-2 and Llama have none)."""
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
+        pad = pad_id(tokenizer)
+        if pad is None:
             raise ValueError(f"{self.name}: the tokenizer has neither a pad nor an eos token to pad with")
         encoded = [self.encode(tokenizer, ex, max_length) for ex in examples]
         width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for i, (ids, labs) in enumerate(encoded):
@@ -125,18 +150,8 @@ class InstructionTask(CausalLMTask):
     def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
         self.validate(spec)
         (inst, _), (resp, _) = self.columns(spec)
-        examples = {}
-        for split, (path, where) in self.sources(spec).items():
-            table = files.read_table(path, [inst, resp, CONTEXT_COLUMN], where)
-            if not table[inst]:
-                raise ValueError(f"{where}: no rows")
-            rows = []
-            for i, (instruction, response, context) in enumerate(zip(table[inst], table[resp], table[CONTEXT_COLUMN])):
-                for column, value in ((inst, instruction), (resp, response)):
-                    if not isinstance(value, str) or not value.strip():
-                        raise ValueError(f"{where}: row {i}: column {column!r} must be non-empty text, got {value!r}")
-                rows.append({"prompt": format_prompt(instruction, context), "response": response})
-            examples[split] = rows
+        examples = {split: read_instructions(path, where, inst, resp)
+                    for split, (path, where) in self.sources(spec).items()}
         train = examples["train"]
         if "validation" in examples:
             evals = examples["validation"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .base import DataSpec, eval_mode
-from .causal_lm import CausalLMTask, answer_loss_sum
+from .causal_lm import CausalLMTask, answer_loss_sum, end_id, pad_id
 from .distributed import on_rank_zero, sharded_map
 
 
@@ -68,8 +68,7 @@ class GenerativeTask(CausalLMTask):
         budget = max(context - max_new_tokens, 1) if context else None
         prompts = [self.prompt_ids(tokenizer, ex, budget) for ex in examples]
         width = max(len(p) for p in prompts)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        prompt_ids = torch.full((len(prompts), width), pad_id(tokenizer), dtype=torch.long)
         prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, ids in enumerate(prompts):  # left padding: every row's last prompt token is at width - 1
             prompt_ids[i, width - len(ids):] = torch.tensor(ids)
@@ -112,8 +111,8 @@ def generate(model: torch.nn.Module, tokenizer, batch: dict[str, Any], device: t
     """Completions of the batch's left-padded prompts (greedy, or `num_samples` sampled per prompt,
     consecutive), decoded and cut at a stop string."""
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos = end_id(tokenizer)
+    pad = pad_id(tokenizer) if pad_id(tokenizer) is not None else eos
     prompt_ids = batch["prompt_ids"].to(device)
     # Explicit decoding settings: the model's own generation_config (a repetition penalty, top-k)
     # must not change what "greedy" or "temperature 0.8, top-p 0.95" means from one model to another.
@@ -129,21 +128,22 @@ def generate(model: torch.nn.Module, tokenizer, batch: dict[str, Any], device: t
         out = module.generate(input_ids=prompt_ids, attention_mask=batch["prompt_mask"].to(device),
                               max_new_tokens=batch["max_new_tokens"], eos_token_id=eos, pad_token_id=pad,
                               synced_gpus=zero3_sharded(model), **kwargs)
-    repeat = out.shape[0] // prompt_ids.shape[0]  # num_return_sequences rows per prompt, consecutive
-    texts = decode_completions(tokenizer, batch["prompt_ids"].repeat_interleave(repeat, 0),
-                               batch["prompt_mask"].repeat_interleave(repeat, 0), out[:, prompt_ids.shape[1]:].cpu())
+    texts = decode_completions(tokenizer, batch["prompt_ids"], batch["prompt_mask"], out[:, prompt_ids.shape[1]:].cpu())
     return [cut_at_stop(text, stop_strings) for text in texts]
 
 
 def decode_completions(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                        new_ids: torch.Tensor) -> list[str]:
-    """The text each row added after its prompt. Decoded together with the prompt, then the decoded
-    prompt cut off: SentencePiece tokenizers (Llama, Mistral) drop the leading space of a sequence
-    they decode on its own, which would take one space of indentation off every HumanEval body."""
+    """The text each row of `new_ids` added after its prompt (rows of one prompt consecutive, as
+    `num_return_sequences` gives them). Decoded together with the prompt, then the decoded prompt
+    cut off: SentencePiece tokenizers (Llama, Mistral) drop the leading space of a sequence they
+    decode on its own, which would take one space of indentation off every HumanEval body."""
+    repeat = new_ids.shape[0] // prompt_ids.shape[0]
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    heads = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]  # once per prompt, not per sample
     out = []
-    for ids, mask, new in zip(prompt_ids, prompt_mask, new_ids):
-        prompt = ids[mask.bool()].tolist()
-        head = tokenizer.decode(prompt, skip_special_tokens=True)
+    for row, new in enumerate(new_ids):
+        prompt, head = prompts[row // repeat], heads[row // repeat]
         whole = tokenizer.decode(prompt + new.tolist(), skip_special_tokens=True)
         out.append(whole[len(head):] if whole.startswith(head) else tokenizer.decode(new, skip_special_tokens=True))
     return out

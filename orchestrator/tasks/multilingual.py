@@ -51,6 +51,11 @@ FLORES_NAMES = {
 FLORES_SOURCE = "eng_Latn"
 
 
+def targets(languages: tuple[str, ...]) -> tuple[str, ...]:
+    """FLORES target languages: all but the English source."""
+    return tuple(x for x in languages if x != FLORES_SOURCE)
+
+
 def per_language(rows: list[dict], languages: tuple[str, ...], k: int | None, seed: int, salt: str,
                  where: str) -> list[dict]:
     """Up to k rows of each language (all if k is None), drawn with the seed, languages in order."""
@@ -63,10 +68,27 @@ def per_language(rows: list[dict], languages: tuple[str, ...], k: int | None, se
     return out
 
 
+def distinct(values: list) -> tuple[str, ...]:
+    """The distinct languages of a language column, in order of appearance."""
+    return tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
+
+
 def languages_in(path: str, where: str) -> tuple[str, ...]:
     """The distinct values of a local file's language column, in order of appearance."""
-    values = files.read_table(path, [LANGUAGE], where)[LANGUAGE]
-    return tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
+    return distinct(files.read_table(path, [LANGUAGE], where)[LANGUAGE])
+
+
+def stack_languages(task: Task, languages: tuple[str, ...], split: str, columns: tuple[str, ...], hint: str,
+                    limit: int | None = None, seed: int = 0) -> dict[str, list]:
+    """The Hub's per-language configs of `task.HUB_PATH` stacked into one table with a language
+    column: the same table a local file in the task's format gives."""
+    stacked: dict[str, list] = {column: [] for column in (*columns, LANGUAGE)}
+    for language in languages:
+        part = hub.load_split(task.HUB_PATH, language, split, task.name, hint, limit=limit, seed=seed)
+        for column in columns:
+            stacked[column] += part[column]
+        stacked[LANGUAGE] += [language] * len(part[columns[0]])
+    return stacked
 
 
 def check_languages(task: Task, spec: DataSpec, known: tuple[str, ...]) -> None:
@@ -110,19 +132,12 @@ class XnliTask(ClassificationTask):
     def read(self, spec: DataSpec) -> dict[str, tuple[str, dict[str, list]]]:
         if spec.data_files is not None:
             return super().read(spec)
-        tables = {}
-        for split in self.split_names:
-            merged: dict[str, list] = {"premise": [], "hypothesis": [], "label": [], LANGUAGE: []}
-            limit = spec.samples_per_language if split == "train" else spec.max_eval_samples
-            for language in self.languages(spec):
-                part = hub.load_split(self.HUB_PATH, language, split, self.name,
-                                      "{train: train.jsonl, validation: validation.jsonl} with columns "
-                                      "premise, hypothesis, label, language", limit=limit, seed=spec.seed)
-                for column in ("premise", "hypothesis", "label"):
-                    merged[column] += part[column]
-                merged[LANGUAGE] += [language] * len(part["label"])
-            tables[split] = (f"{self.HUB_PATH} {split}", merged)
-        return tables
+        hint = "{train: train.jsonl, validation: validation.jsonl} with columns premise, hypothesis, label, language"
+        return {split: (f"{self.HUB_PATH} {split}",
+                        stack_languages(self, self.languages(spec), split, ("premise", "hypothesis", "label"), hint,
+                                        limit=spec.samples_per_language if split == "train" else spec.max_eval_samples,
+                                        seed=spec.seed))
+                for split in self.split_names}
 
     def examples(self, table: dict[str, list], texts: tuple[str, ...], label_col: str, where: str) -> list[dict]:
         rows = super().examples(table, texts, label_col, where)
@@ -138,7 +153,7 @@ class XnliTask(ClassificationTask):
         texts, label_col = self.text_columns_for(spec), spec.label_field or self.label_column
         train_where, train_table = tables["train"]
         train = self.examples(train_table, texts, label_col, train_where)
-        languages = spec.languages or tuple(dict.fromkeys(r[LANGUAGE] for r in train))
+        languages = spec.languages or distinct([r[LANGUAGE] for r in train])
         if "validation" in tables:
             eval_where, eval_table = tables["validation"]
             evals = self.examples(eval_table, texts, label_col, eval_where)
@@ -174,7 +189,7 @@ class FloresTask(GenerativeTask):
         if spec.languages:
             return spec.languages
         if spec.data_files is not None:
-            return tuple(x for x in languages_in(*self.sources(spec)["dev"]) if x != FLORES_SOURCE)
+            return targets(languages_in(*self.sources(spec)["dev"]))
         return tuple(FLORES_NAMES)
 
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
@@ -200,17 +215,12 @@ class FloresTask(GenerativeTask):
         if spec.data_files is not None:
             path, where = self.sources(spec)[split]
             return where, files.read_table(path, ["id", "sentence", LANGUAGE], where)
-        merged: dict[str, list] = {"id": [], "sentence": [], LANGUAGE: []}
-        for language in (FLORES_SOURCE, *self.languages(spec)):
-            part = hub.load_split(self.HUB_PATH, language, split, self.name,
-                                  "{dev: dev.jsonl, devtest: devtest.jsonl} with columns id, sentence, language")
-            merged["id"] += part["id"]
-            merged["sentence"] += part["sentence"]
-            merged[LANGUAGE] += [language] * len(part["id"])
-        return f"{self.HUB_PATH} {split}", merged
+        hint = "{dev: dev.jsonl, devtest: devtest.jsonl} with columns id, sentence, language"
+        return f"{self.HUB_PATH} {split}", stack_languages(self, (FLORES_SOURCE, *self.languages(spec)), split,
+                                                            ("id", "sentence"), hint)
 
-    def pairs(self, spec: DataSpec, split: str, languages: tuple[str, ...]) -> tuple[str, list[dict]]:
-        where, table = self.read_split(spec, split)
+    def pairs(self, where: str, table: dict[str, list], languages: tuple[str, ...]) -> list[dict]:
+        """English -> language examples from a table of id, sentence, language."""
         by_language: dict[str, dict] = {}
         for i, (sid, sentence, language) in enumerate(zip(table["id"], table["sentence"], table[LANGUAGE])):
             if not isinstance(sentence, str) or not sentence.strip() or sid is None or not language:
@@ -226,15 +236,18 @@ class FloresTask(GenerativeTask):
             rows += [{"prompt": f"Translate this sentence from English to {name}.\nEnglish: {source[sid]}\n{name}:",
                       "response": " " + target[sid], LANGUAGE: language}
                      for sid in sorted(target) if sid in source]
-        return where, rows
+        return rows
 
     def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
         self.validate(spec)
-        languages = self.languages(spec)
-        where, dev = self.pairs(spec, "dev", languages)
+        where, table = self.read_split(spec, "dev")
+        local = spec.data_files is not None and not spec.languages  # languages: those the dev file has
+        languages = targets(distinct(table[LANGUAGE])) if local else self.languages(spec)
+        dev = self.pairs(where, table, languages)
         train = per_language(dev, languages, spec.samples_per_language, spec.seed, "train", where)
         if spec.data_files is None or "devtest" in spec.data_files:
-            where, devtest = self.pairs(spec, "devtest", languages)
+            where, table = self.read_split(spec, "devtest")
+            devtest = self.pairs(where, table, languages)
         else:  # no devtest file: score on dev pairs not drawn for training
             taken = {(ex[LANGUAGE], ex["prompt"]) for ex in train}
             devtest = [ex for ex in dev if (ex[LANGUAGE], ex["prompt"]) not in taken]

@@ -4,17 +4,13 @@ extra pass, and is identical on every data-parallel rank."""
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import methods
-from tests.conftest import FAMILIES, family_inputs, logits
+from tests.conftest import FAMILIES, family_inputs, logits, run_ranks
 
 
 def batches(n=4, seed=0):
@@ -135,11 +131,7 @@ def test_bad_hybrid_configs():
 
 # --- data parallelism: two real processes (gloo), different data on each rank --------------------
 
-def _dp_worker(rank: int, world: int, port: int, use_ddp: bool, out: str):
-    # Loopback only, and a deadline: a rendezvous that cannot complete fails the test, not the CI run.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def _dp_worker(rank: int, world: int, use_ddp: bool, out: str):
     _, model = hybrid({"update_every": 1, "ema": 0.5, "tau": 0.2})
     if use_ddp:  # the reduction happens inside backward, as under DeepSpeed / DDP
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -156,26 +148,12 @@ def _dp_worker(rank: int, world: int, port: int, use_ddp: bool, out: str):
     dist.all_gather(everyone, gates)
     if rank == 0:
         torch.save(everyone, out)
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("use_ddp", [True, False])
 def test_every_rank_computes_the_same_gate(use_ddp, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "gates.pt")
-    # spawn, not fork: a fork of this process (its OpenMP pool already running) can deadlock in the child.
-    context = mp.start_processes(_dp_worker, args=(2, port, use_ddp, out), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two data-parallel processes did not finish within 300 s")
+    run_ranks(_dp_worker, (use_ddp, out))
     g0, g1 = torch.load(out)
     if use_ddp:
         assert torch.equal(g0, g1)

@@ -23,7 +23,7 @@ from orchestrator.tasks.generation import GenerativeTask, cut_at_stop, generate
 from orchestrator.tasks.gsm8k import final_number
 from orchestrator.tasks.humaneval import read_problems
 from orchestrator.tasks.judge import JudgeConfig, parse_rating
-from tests.conftest import bpe_tokenizer
+from tests.conftest import bpe_tokenizer, run_ranks
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
 NEW_TASKS = ("gsm8k", "humaneval", "xnli", "flores", "mt_bench")
@@ -525,16 +525,10 @@ def test_hub_loaders_read_hub_shaped_repositories(tmp_path, monkeypatch):
 
 # -- generation split across data-parallel ranks ----------------------------------------------------
 
-def _sharded_eval_worker(rank: int, world: int, port: int, folder: str, out: str):
-    import datetime
-    import os
-
+def _sharded_eval_worker(rank: int, world: int, folder: str, out: str):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
     task, spec = get_task("gsm8k"), gsm8k_spec(max_new_tokens=64)
     tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
     train, _ = task.load(spec)
@@ -543,17 +537,11 @@ def _sharded_eval_worker(rank: int, world: int, port: int, folder: str, out: str
     dist.all_gather_object(everyone, scores)
     if rank == 0:
         Path(out).write_text(json.dumps(everyone))
-    dist.destroy_process_group()
 
 
 def test_generation_split_across_ranks_gives_the_single_process_scores(tokenizer, tmp_path):
     """3 eval batches on 2 ranks (one rank repeats a batch to keep step): the same eval_loss and
     exact_match as one process, on every rank."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
     task, spec = get_task("gsm8k"), gsm8k_spec(max_new_tokens=64)
     train, _ = task.load(spec)
     model = tiny_lm(tokenizer)
@@ -562,18 +550,8 @@ def test_generation_split_across_ranks_gives_the_single_process_scores(tokenizer
     tokenizer.save_pretrained(tmp_path / "model")
     alone = task.evaluate(model, eval_batches(task, tokenizer, train[:3], spec, size=1), tokenizer)
     assert alone["exact_match"] == pytest.approx(2 / 3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "scores.json"
-    context = mp.start_processes(_sharded_eval_worker, args=(2, port, str(tmp_path / "model"), str(out)),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two ranks did not finish within 300 s")
+    run_ranks(_sharded_eval_worker, (str(tmp_path / "model"), str(out)))
     on_rank_0, on_rank_1 = json.loads(out.read_text())
     assert on_rank_0 == on_rank_1
     assert on_rank_0["exact_match"] == alone["exact_match"]
@@ -599,7 +577,14 @@ def test_mt_bench_with_a_local_judge_model(tokenizer, tmp_path):
 def test_completions_keep_their_leading_space_with_sentencepiece_style_tokenizers():
     """Llama/Mistral tokenizers drop the first space of a sequence decoded alone: decoding the
     completion by itself would turn a 4-space HumanEval body into 3 spaces and fail every test."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from orchestrator.tasks.generation import decode_completions
