@@ -8,7 +8,7 @@ from .base import DEFAULT_TARGET_MODULES, AdapterLayer, adapter_layers
 from .boft import BoftConfig, BoftLinear
 from .config import ConfigError, MethodConfig
 from .full import FullConfig
-from .hybrid import GateConfig, HybridConfig, HybridLinear, gate_history, gate_values
+from .hybrid import GateConfig, HybridConfig, HybridLinear, gate_history, gate_records, gate_values
 from .lora import LoraConfig, LoraLinear
 from .lora_ga import LoraGaConfig, LoraGaLinear, estimate_gradients, hf_loss
 from .model import (
@@ -17,6 +17,7 @@ from .model import (
     apply_method,
     check_method,
     count_parameters,
+    layer_diagnostics,
     load_adapter,
     merge_adapter,
     read_adapter_config,
@@ -29,9 +30,9 @@ from .unitary import UnitaryConfig, UnitaryLinear
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "METHODS", "AdapterLayer", "BoftConfig", "BoftLinear", "ConfigError",
-    "FullConfig", "GateConfig", "HybridConfig", "HybridLinear", "gate_history", "gate_values", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
+    "FullConfig", "GateConfig", "HybridConfig", "HybridLinear", "gate_history", "gate_records", "gate_values", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
     "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "check_method", "config_for",
-    "count_parameters", "estimate_gradients", "get_method", "hf_loss", "load_adapter", "merge_adapter",
+    "count_parameters", "estimate_gradients", "layer_diagnostics", "get_method", "hf_loss", "load_adapter", "merge_adapter",
     "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",
     "UnitaryConfig", "UnitaryLinear",
 ]

@@ -89,7 +89,8 @@ class AdapterLayer(nn.Module):
       that must be saved with them (e.g. LoRA-GA's init copy);
     - forward equals the base layer's forward at initialisation;
     - `merged_weight()` returns the (d_out, d_in) weight that folds the adapter in, and
-      `unmerged_weight(w)` inverts it; `merge()`/`unmerge()` use them.
+      `unmerged_weight(w)` inverts it; `merge()`/`unmerge()` use them;
+    - optionally `diagnostics()`, numbers about the layer's state that a trainer may report.
     """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
@@ -139,6 +140,11 @@ class AdapterLayer(nn.Module):
             return
         self.base.set_weight(self.unmerged_weight(self.base.weight().float()))
         self.merged = False
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-layer numbers a trainer may report, by name: e.g. the hybrid's gate and the gradient
+        norms behind it. None by default; `methods.layer_diagnostics(model)` collects them."""
+        return {}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         names = self.adapter_param_names + self.adapter_buffer_names

@@ -9,20 +9,43 @@ from the gradient's SVD, frozen copies A0, B0), mixed by a per-layer gate lambda
 BOFT share), a buffer updated from gradient norms, never by the optimizer:
 
     x_mix = lambda (x R) + (1 - lambda) x                    one rotation, applied to activations
-    y     = s_l ⊙ (W0 x_mix) + (1 - lambda)(alpha/r)(B A - B0 A0) x + b
+    y     = s_l ⊙ (W0 x_mix) + (1 - lambda)(alpha/r)(B A - B0 A0) dropout(x) + b
     s_l   = 1 + lambda (s - 1)                                the scale belongs to the BOFT branch
 
 so there is a single product with W0 per layer; at init (R = I, s = 1, B A = B0 A0) y = W0 x + b;
-lambda = 1 gives exactly BOFT and lambda = 0 exactly LoRA-GA (W0 - (alpha/r) B0 A0 + (alpha/r) B A).
+lambda = 1 gives exactly BOFT and lambda = 0 exactly LoRA-GA (W0 - (alpha/r) B0 A0 + (alpha/r) B A;
+with dropout, in eval mode and in expectation: LoRA-GA drops the input of B A, we that of the
+update B A - B0 A0, which keeps the output equal to the base model's at init in train mode too).
 
 Gate, every K steps after backward (gradients already reduced across data-parallel ranks, so every
 rank computes the same gate and replicas never diverge):
 
     g_GA = sqrt(|dA|^2 + |dB|^2),  g_BO = |dR|          (each / sqrt(#params) if `normalize`)
-    target = sigmoid(sign * (log g_BO - log g_GA) / tau)   sign = +1 "larger": favour the branch
+    G_GA = g_GA / (1 - lambda),    G_BO = g_BO / lambda    each branch's own ("intrinsic") norm
+    target = sigmoid(sign * (log G_BO - log G_GA) / tau)   sign = +1 "larger": favour the branch
                                                           with the larger gradient; -1 "smaller"
     lambda = clamp(beta lambda + (1 - beta) target, lambda_min, lambda_max)
     optional schedule a(t) decaying the LoRA-GA share: lambda_eff = 1 - (1 - lambda) a(t)
+
+Why the division. The forward scales the rotation's path by lambda and the low-rank path by
+(1 - lambda), so dR = lambda dR|_1 and dA, dB = (1 - lambda) dA|_1, dB|_1, where |_1 is the
+gradient at unit share (the branch's own gradient). On the raw norms the gate's input would be
+log g_BO - log g_GA = logit(lambda) + c, with c = log G_BO - log G_GA: the gate feeds on itself.
+lambda -> sigmoid((logit(lambda) + c) / tau) can rest only where logit(lambda) = c / (tau - 1): for
+tau = 1 (and c != 0) there is no such point and lambda runs to lambda_min or lambda_max; for tau < 1
+the point repels, so lambda runs to a bound from either side of it; for tau > 1 it holds but
+amplifies the ratio instead of softening it (tau = 2 gives sigmoid(c), tau = 1.1 sigmoid(10 c)), so
+a moderate ratio already lands on a bound (measured on MiniLM: 11 of 12 layers at lambda_min after
+400 steps). Divided by the shares, the input is c alone, which does not depend on the current mix,
+so with EMA lambda settles at
+
+    lambda* = clamp(sigmoid(sign * c / tau), lambda_min, lambda_max)
+
+and layers whose branches' ratios differ settle at different values. The shares divided by are the
+lambda the forward used, lambda_eff (schedule included): that value produced the gradients. A branch
+whose share is (nearly) zero got no gradient and cannot be measured: that update only clamps lambda
+into its bounds (so init 0 or 1 with bounds inside (0, 1) still starts moving). s_l stays in dR|_1
+(it is 1 at init and near 1 after). `diagnostics()` reports lambda and the norms behind it.
 
 Shapes: d_in = D * b, r = LoRA rank, N... = leading token dims.
 """
@@ -44,6 +67,11 @@ from .lora_ga import LoraGaConfig, gradient_init
 GateDirection = Literal["larger", "smaller"]
 Schedule = Literal["constant", "linear", "cosine"]
 GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
+# Below this share a branch's gradient is (numerically) absent and its own norm cannot be read from
+# it; exactly 0 at lambda = 0 or 1.
+MIN_SHARE = 1e-6
+# The numbers behind each gate update (see HybridLinear.diagnostics); NaN until the first update.
+NORM_KEYS = ("grad_norm_boft", "grad_norm_lora_ga", "branch_norm_boft", "branch_norm_lora_ga", "gate_target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +81,8 @@ class GateConfig:
     Args:
         init: lambda before the first update.
         fixed: pin lambda to this value (no updates): 1 = BOFT only, 0 = LoRA-GA only; ablations.
-        tau: temperature of the sigmoid on the log-ratio of gradient norms.
+        tau: temperature of the sigmoid on the log-ratio of the branches' own gradient norms
+            (each divided by its share of the mix): larger tau keeps lambda nearer 0.5.
         update_every: K, steps between gate updates (the norms are read from existing gradients:
             no extra forward or backward pass).
         ema: beta, EMA smoothing of lambda across updates.
@@ -144,7 +173,9 @@ class HybridLinear(BoftLinear):
         gate = cfg.gate.fixed if cfg.gate.fixed is not None else cfg.gate.init
         self.register_buffer("hybrid_gate", torch.tensor(float(gate)))  # lambda used by the forward
         self.register_buffer("hybrid_gate_ema", torch.tensor(float(gate)))  # EMA state, before the schedule
-        self.gate_history: list[tuple[int, float]] = []  # (step, lambda) after each update
+        self.dropout = nn.Dropout(cfg.lora_ga.lora.dropout) if cfg.lora_ga.lora.dropout > 0 else nn.Identity()
+        self.gate_records: list[dict[str, float]] = []  # {"step", **diagnostics()} after each update
+        self._norms = dict.fromkeys(NORM_KEYS, math.nan)
 
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor) -> None:
@@ -159,7 +190,7 @@ class HybridLinear(BoftLinear):
         # (B A - B0 A0) x as one rank-2r product pair: [B, -B0] [A; A0] x
         A2 = torch.cat([self.lora_A, self.lora_A0]).to(x.dtype)  # (2r, d_in)
         B2 = torch.cat([self.lora_B, -self.lora_B0], dim=1).to(x.dtype)  # (d_out, 2r)
-        lowrank = (x @ A2.t()) @ B2.t()
+        lowrank = (self.dropout(x) @ A2.t()) @ B2.t()
         return self.base.add_bias(self.base.matmul(x_mix) * s + ((1 - lam) * self.scaling) * lowrank)
 
     def _lowrank_delta(self) -> torch.Tensor:
@@ -196,18 +227,44 @@ class HybridLinear(BoftLinear):
         if g.normalize:
             g_ga = g_ga / math.sqrt(gA.numel() + gB.numel())
             g_bo = g_bo / math.sqrt(gR.numel())
-        eps = torch.finfo(torch.float32).tiny
-        sign = 1.0 if g.direction == "larger" else -1.0
-        target = torch.sigmoid(sign * (torch.log(g_bo + eps) - torch.log(g_ga + eps)) / g.tau)
-        if not torch.isfinite(target):
-            return  # a non-finite gradient must not poison the gate; the trainer reports divergence
-        lam = g.ema * float(self.hybrid_gate_ema) + (1 - g.ema) * float(target)
+        # The forward scaled R's path by the lambda it used (schedule included) and the low-rank
+        # path by 1 - lambda: divide that back out, so the gate sees each branch's own gradient and
+        # not the current mix (on the raw norms it would feed on itself, see the module docstring).
+        share = float(self.hybrid_gate)
+        g_bo, g_ga = float(g_bo), float(g_ga)
+        lam = float(self.hybrid_gate_ema)
+        b_bo = b_ga = target = math.nan
+        if min(share, 1 - share) >= MIN_SHARE:
+            b_bo, b_ga = g_bo / share, g_ga / (1 - share)
+            tiny = torch.finfo(torch.float32).tiny  # a zero gradient still gives a finite log
+            sign = 1.0 if g.direction == "larger" else -1.0
+            z = sign * (math.log(b_bo + tiny) - math.log(b_ga + tiny)) / g.tau
+            if not math.isfinite(z):
+                return  # a non-finite gradient must not poison the gate; the trainer reports divergence
+            target = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))  # sigmoid, no overflow
+            lam = g.ema * lam + (1 - g.ema) * target
+        # else a branch without share got no gradient: nothing to measure, only bring lambda into bounds
         lam = min(max(lam, g.lambda_min), g.lambda_max)
         self.hybrid_gate_ema.fill_(lam)
         a = g.decay(step)
-        effective = lam if a == 1.0 else 1 - (1 - lam) * a
-        self.hybrid_gate.fill_(effective)
-        self.gate_history.append((step, float(self.hybrid_gate)))  # the value the forward uses
+        self.hybrid_gate.fill_(lam if a == 1.0 else 1 - (1 - lam) * a)
+        self._norms = {"grad_norm_boft": g_bo, "grad_norm_lora_ga": g_ga, "branch_norm_boft": b_bo,
+                       "branch_norm_lora_ga": b_ga, "gate_target": target}
+        self.gate_records.append({"step": step, **self.diagnostics()})
+
+    def diagnostics(self) -> dict[str, float]:
+        """The gate and the numbers behind its last update (NaN before the first one, and always
+        for a fixed gate, which measures nothing):
+
+        - gate: lambda, the BOFT share the forward uses now (after the schedule);
+        - grad_norm_boft, grad_norm_lora_ga: the last update's gradient norms as read, |dR| and
+          sqrt(|dA|^2 + |dB|^2) (each / sqrt(#params) with `normalize`), still scaled by the mix;
+        - branch_norm_boft, branch_norm_lora_ga: the same divided by the branch's share (lambda,
+          1 - lambda): each branch's own gradient norm, the gate's input;
+        - gate_target: sigmoid(sign * log(branch_norm_boft / branch_norm_lora_ga) / tau), where the
+          EMA is taking lambda (NaN when a share was zero and nothing could be measured).
+        """
+        return {"gate": float(self.hybrid_gate), **self._norms}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, gate={float(self.hybrid_gate):.3f}"
@@ -220,4 +277,12 @@ def gate_values(model: nn.Module) -> dict[str, float]:
 
 def gate_history(model: nn.Module) -> dict[str, list[tuple[int, float]]]:
     """(step, lambda) after every update, per layer: the layer x step heatmap's data."""
-    return {name: list(m.gate_history) for name, m in model.named_modules() if isinstance(m, HybridLinear)}
+    return {name: [(int(r["step"]), r["gate"]) for r in m.gate_records]
+            for name, m in model.named_modules() if isinstance(m, HybridLinear)}
+
+
+def gate_records(model: nn.Module) -> dict[str, list[dict[str, float]]]:
+    """Per layer, one record per gate update: {"step", "gate", "grad_norm_boft", "grad_norm_lora_ga",
+    "branch_norm_boft", "branch_norm_lora_ga", "gate_target"} (see `HybridLinear.diagnostics`):
+    lambda over the steps and the gradient norms that moved it there."""
+    return {name: [dict(r) for r in m.gate_records] for name, m in model.named_modules() if isinstance(m, HybridLinear)}

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import collectives
 from ._zero import gathered
 from .base import BaseLinear
 from .config import MethodConfig, check, check_choice
@@ -126,12 +127,10 @@ def estimate_gradients(
         model.train(was_training)
     if seen == 0:
         raise ValueError("lora_ga: the batch iterator yielded no batch for the gradient estimate")
-    count = torch.tensor(float(seen))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for g in sums.values():  # sum over ranks, divide by the total batch count
-            torch.distributed.all_reduce(g)
-        torch.distributed.all_reduce(count)
-    return {name: g / count.item() for name, g in sums.items()}
+    for g in sums.values():  # sum over data-parallel ranks, then divide by the total batch count
+        collectives.all_reduce(g)
+    (total,) = collectives.all_reduce_values([float(seen)])
+    return {name: g / total for name, g in sums.items()}
 
 
 def gradient_init(grad: torch.Tensor, cfg: LoraGaConfig, layer_name: str = "") -> tuple[torch.Tensor, torch.Tensor]:

@@ -245,6 +245,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+def layer_diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Layer name -> that layer's `diagnostics()`, for the layers that have any (the hybrid: its
+    gate and the gradient norms behind it). Plain floats, the same on every data-parallel rank when
+    they come from reduced gradients; cheap (no collective), so a trainer may call it at every report."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        numbers = layer.diagnostics()
+        if numbers:
+            out[name] = numbers
+    return out
+
+
 def after_backward(
     model: nn.Module, step: int, grad_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 ) -> None:
@@ -264,6 +276,7 @@ __all__ = [
     "after_backward",
     "apply_method",
     "count_parameters",
+    "layer_diagnostics",
     "load_adapter",
     "merge_adapter",
     "read_adapter_config",

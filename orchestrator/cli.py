@@ -107,11 +107,13 @@ def cmd_sweep(args) -> int:
     tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
     init_ray(args.address, args.verbose, env_vars=worker_env(spec))
     results, summary = run_sweep(spec, resume=args.resume)
-    rows = [[m, b["name"], fmt(b["time_to_quality_s"], 3), fmt(b["peak_memory_mb"], 5), fmt(b["metric"])]
-            for m, b in sorted(summary["best"].items())]
+    from orchestrator import report
+
+    columns = [k for k in report.COLUMNS if k not in ("step", "stop_reason")]
+    rows = [[m, b["name"], *(fmt(b[k], 4) for k in columns), fmt(b["metric"])] for m, b in sorted(summary["best"].items())]
     t = summary["target"]
     print(f"\nBest per method (target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}):")
-    print(format_table(rows, ["method", "best trial", "time_to_quality_s", "peak_memory_mb", t["metric"]]))
+    print(format_table(rows, ["method", "best trial", *map(report.short, columns), t["metric"]]))
     failed = [x for x in summary["trials"] if x["status"] == "ERROR"]
     for x in failed:
         print(f"FAILED {x['name']}: {x['error']}")

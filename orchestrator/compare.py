@@ -4,12 +4,15 @@ back from MLflow (the child runs of one sweep invocation).
     report = compare(uri, "hybrid-bbc")          # the latest parent run; or parent_run_id=...
     write_report(report, uri=uri)                # table on stdout; CSV/JSON/PNG to the parent run
 
-Seeds are repeats, not configurations: trials whose params differ only in `seed` form one group,
-and a group's time-to-quality is the median over the seeds that reached the target, with min /
-max and the interquartile range as the spread (the paper runs three seeds). Each method's best
-group reaches the target in the most seeds, then soonest, then with the best final metric. Where
-`full` ran, every number is also given as a ratio to full fine-tuning's best group: the paper's
-"2.1x faster" is ttq_vs_full = 0.48, its "50% memory" is memory_vs_full = 0.5.
+Seeds are repeats, not configurations: trials whose params differ only in `seed` form one group.
+A group's time-to-quality is a censored median over all its seeds (a seed that never reached the
+target counts as +inf, so 1 reached of 3 never looks fast), with min / max and the interquartile
+range of the seeds that reached as the spread (the paper runs three seeds). Each method's best
+group follows `report.rank_key`: reached share, then training time-to-quality, then the final
+metric. Where `full` ran, every number is also a ratio to full fine-tuning's best group: the
+paper's "2.1x faster" is train_ttq_vs_full = 0.48, its "50% memory" is memory_vs_full = 0.5.
+Where the compared groups trained beside different numbers of other trials, a note says their
+times are not comparable.
 
 Plots use matplotlib's Agg canvas directly (no pyplot, no global backend change): PNG for people;
 CSV / JSON carry the same numbers for programs.
@@ -28,15 +31,15 @@ import tempfile
 from typing import Any
 
 from methods.config import ConfigError
+from orchestrator import report as schema
 
-STATS = ("time_to_quality_s", "peak_memory_mb", "final_metric", "trainable_params")
-RATIOS = {"time_to_quality_s": "ttq_vs_full", "peak_memory_mb": "memory_vs_full",
-          "final_metric": "metric_vs_full", "trainable_params": "params_vs_full"}
-
-
-def _num(x) -> float | None:
-    """A finite number or None: MLflow stores a diverged trial's +-inf as +-1.8e308."""
-    return float(x) if x is not None and abs(float(x)) < 1e300 else None
+# Per trial and per group of seeds (medians), in table order; time-to-quality is treated apart
+# (censored median), and every one also as a ratio to full fine-tuning's best group.
+STATS = (schema.TIME_TO_QUALITY, "time_to_quality_s", "samples_to_quality", "peak_memory_mb",
+         *schema.MEMORY_PARTS, "rss_peak_mb", "final_metric", "trainable_params", "concurrent_trials")
+TIMES = (schema.TIME_TO_QUALITY, "time_to_quality_s", "samples_to_quality")  # censored: +inf when not reached
+RATIOS = {schema.TIME_TO_QUALITY: "train_ttq_vs_full", "time_to_quality_s": "wall_ttq_vs_full",
+          "peak_memory_mb": "memory_vs_full", "final_metric": "metric_vs_full", "trainable_params": "params_vs_full"}
 
 
 def _parent_run(client, experiment_id: str, parent_run_id: str | None):
@@ -51,44 +54,65 @@ def _parent_run(client, experiment_id: str, parent_run_id: str | None):
 def _trial_row(client, run, target: dict) -> dict[str, Any]:
     m, tags = run.data.metrics, run.data.tags
     metric = m.get("final_metric", m.get(target["metric"]))
-    return {"run_id": run.info.run_id, "name": run.info.run_name, "method": run.data.params.get("method", "?"),
-            "status": tags.get("status", run.info.status), "stop_reason": tags.get("stop_reason", ""),
-            "seed": run.data.params.get("seed"), "params": dict(run.data.params),
-            "time_to_quality_s": _num(m.get("time_to_quality_s")), "peak_memory_mb": _num(m.get("peak_memory_mb")),
-            "final_metric": _num(metric), "trainable_params": _num(m.get("trainable_params")),
-            "elapsed_s": _num(m.get("elapsed_s")), "failed": run.info.status == "FAILED"}
+    row = {"run_id": run.info.run_id, "name": run.info.run_name, "method": run.data.params.get("method", "?"),
+           "status": tags.get("status", run.info.status), "stop_reason": tags.get("stop_reason", ""),
+           "seed": run.data.params.get("seed"), "params": dict(run.data.params), "failed": run.info.status == "FAILED",
+           "elapsed_s": schema.finite(m.get("elapsed_s"))}
+    row.update({k: schema.finite(m.get(k)) for k in STATS if k != "final_metric"})
+    row["final_metric"] = schema.finite(metric)
+    return row
 
 
 def _curve(client, run_id: str, metric: str) -> dict[str, list]:
-    """The metric against wall-clock time (elapsed_s), joined on the report's step."""
-    clock = {h.step: h.value for h in client.get_metric_history(run_id, "elapsed_s")}
-    points = sorted((clock[h.step], h.value) for h in client.get_metric_history(run_id, metric)
-                    if h.step in clock and _num(h.value) is not None)
-    return {"elapsed_s": [p[0] for p in points], metric: [p[1] for p in points]}
+    """The metric against the training clock (method_init_s + train_s + eval_s) and the wall clock
+    (elapsed_s), joined on the report's step."""
+    def history(key):
+        return {h.step: h.value for h in client.get_metric_history(run_id, key)}
+
+    wall, parts = history("elapsed_s"), [history(k) for k in ("method_init_s", "train_s", "eval_s")]
+    points = sorted((sum(p.get(h.step, 0.0) for p in parts), wall[h.step], h.value)
+                    for h in client.get_metric_history(run_id, metric) if h.step in wall and schema.finite(h.value) is not None)
+    return {"train_s": [p[0] for p in points], "elapsed_s": [p[1] for p in points], metric: [p[2] for p in points]}
 
 
 def _group(rows: list[dict]) -> dict[str, Any]:
-    """One configuration over its seeds."""
-    ttq = sorted(r["time_to_quality_s"] for r in rows if r["time_to_quality_s"] is not None)
+    """One configuration over its seeds. Times are censored medians: a seed that never reached the
+    target counts as +inf, so a group that reached in 1 of 3 seeds has an infinite median."""
     ok = [r for r in rows if not r["failed"]]
+    reached = [r for r in rows if r[schema.TIME_TO_QUALITY] is not None]
 
     def median(key):
         vals = [r[key] for r in ok if r[key] is not None]
         return statistics.median(vals) if vals else None
 
+    ttq = sorted(r[schema.TIME_TO_QUALITY] for r in reached)
     q1, q3 = (statistics.quantiles(ttq, n=4, method="inclusive")[::2] if len(ttq) > 1 else (ttq or [None]) * 2)
-    return {"method": rows[0]["method"], "config": re.sub(r"-seed\d+$", "", rows[0]["name"] or ""),
-            "params": {k: v for k, v in rows[0]["params"].items() if k != "seed"},
-            "seeds": len(rows), "reached": len(ttq), "failed": sum(r["failed"] for r in rows),
-            "trials": [r["name"] for r in rows],
-            "time_to_quality_s": statistics.median(ttq) if ttq else None, "ttq_min": ttq[0] if ttq else None,
-            "ttq_max": ttq[-1] if ttq else None, "ttq_q1": q1, "ttq_q3": q3,
-            **{k: median(k) for k in STATS[1:]}}
+    out = {"method": rows[0]["method"], "config": re.sub(r"-seed\d+$", "", rows[0]["name"] or ""),
+           "params": {k: v for k, v in rows[0]["params"].items() if k != "seed"},
+           "seeds": len(rows), "reached": len(reached), "failed": sum(r["failed"] for r in rows),
+           "trials": [r["name"] for r in rows],
+           "ttq_min": ttq[0] if ttq else None, "ttq_max": ttq[-1] if ttq else None, "ttq_q1": q1, "ttq_q3": q3,
+           **{k: median(k) for k in STATS if k not in TIMES}}
+    for key in TIMES:
+        value = schema.censored_median(r[key] for r in rows)
+        out[key] = value if math.isfinite(value) else math.inf
+    out["concurrent_trials"] = max((r["concurrent_trials"] or 0 for r in rows), default=0)
+    return out
 
 
 def _rank(g: dict, mode: str) -> tuple:
-    quality = (g["final_metric"] if mode == "max" else -g["final_metric"]) if g["final_metric"] is not None else -math.inf
-    return (g["reached"] / g["seeds"], -(g["time_to_quality_s"] or 0), quality)
+    return schema.rank_key(g["reached"], g["seeds"], g[schema.TIME_TO_QUALITY], g["final_metric"], mode)
+
+
+def contention_note(groups: dict[str, dict]) -> str | None:
+    """A warning when the compared groups' trials trained beside different numbers of other trials
+    on their node: their times measure the machine's sharing, not only the method."""
+    levels = {m: int(g.get("concurrent_trials") or 0) for m, g in groups.items()}
+    if len(set(levels.values())) <= 1:
+        return None
+    shown = ", ".join(f"{m} beside {n}" for m, n in sorted(levels.items()))
+    return (f"warning: times are not comparable across methods: trials ran beside different numbers of other "
+            f"trials on their node ({shown}); rerun with one trial at a time (tune.max_concurrent_trials: 1)")
 
 
 def compare(uri: str, experiment: str, parent_run_id: str | None = None) -> dict[str, Any]:
@@ -117,22 +141,33 @@ def compare(uri: str, experiment: str, parent_run_id: str | None = None) -> dict
     full = best.get("full")
     for g in best.values():
         for key, ratio in RATIOS.items():
-            g[ratio] = g[key] / full[key] if full and g[key] is not None and full[key] else None
+            g[ratio] = _ratio(g[key], full[key]) if full else None
     curves = {t["name"]: {"method": t["method"], **_curve(client, t["run_id"], target["metric"])} for t in trials}
+    methods = dict(sorted(best.items()))
+    layers = {m: found for m, g in methods.items() if (found := _layers(client, g, trials))}
     return {"experiment": experiment, "parent_run_id": parent.info.run_id, "target": target, "trials": trials,
-            "groups": rows, "methods": dict(sorted(best.items())), "curves": curves,
-            "gates": _gates(client, best.get("hybrid"), trials)}
+            "groups": rows, "methods": methods, "curves": curves, "layers": layers,
+            "notes": [n for n in (contention_note(methods),) if n]}
 
 
-def _gates(client, group: dict | None, trials: list[dict]) -> dict | None:
-    """gates.json of the best hybrid configuration's first seed that logged one."""
+def _ratio(x: float | None, full: float | None) -> float | None:
+    """x / full; +inf when x never reached the target and full did; None when full never did."""
+    if x is None or full is None or not math.isfinite(full) or full == 0:
+        return None
+    return x / full
+
+
+def _layers(client, group: dict, trials: list[dict]) -> dict | None:
+    """Per-layer diagnostics (layers.json) of the group's first seed that logged them."""
     import mlflow.exceptions
 
-    for name in (group or {}).get("trials", []):
+    from orchestrator.tracking import LAYERS_ARTIFACT
+
+    for name in group["trials"]:
         run_id = next(t["run_id"] for t in trials if t["name"] == name)
         with tempfile.TemporaryDirectory() as d:
             try:
-                with open(client.download_artifacts(run_id, "gates.json", d)) as f:
+                with open(client.download_artifacts(run_id, LAYERS_ARTIFACT, d)) as f:
                     return {"trial": name, **json.load(f)}
             except (mlflow.exceptions.MlflowException, OSError):
                 continue
@@ -149,14 +184,17 @@ def _fmt(x, digits: int = 4) -> str:
 def table(report: dict) -> str:
     from orchestrator.progress import format_table
 
-    header = ["method", "best config", "reached", "ttq_s median [min-max]", "peak_mb", report["target"]["metric"],
-              "trainable", "ttq/full", "mem/full"]
+    header = ["method", "best config", "reached", "train_ttq_s median [min-max]", "wall_ttq_s", "peak_mb",
+              report["target"]["metric"], "trainable", "train_ttq/full", "mem/full"]
     rows = [[m, g["config"], f"{g['reached']}/{g['seeds']}",
-             f"{_fmt(g['time_to_quality_s'])} [{_fmt(g['ttq_min'])}-{_fmt(g['ttq_max'])}]" if g["reached"] else "-",
-             _fmt(g["peak_memory_mb"], 5), _fmt(g["final_metric"]), _fmt(g["trainable_params"], 6),
-             _fmt(g["ttq_vs_full"], 3), _fmt(g["memory_vs_full"], 3)] for m, g in report["methods"].items()]
+             f"{_fmt(g[schema.TIME_TO_QUALITY])} [{_fmt(g['ttq_min'])}-{_fmt(g['ttq_max'])}]" if g["reached"] else "not reached",
+             _fmt(g["time_to_quality_s"]), _fmt(g["peak_memory_mb"], 5), _fmt(g["final_metric"]),
+             _fmt(g["trainable_params"], 6), _fmt(g["train_ttq_vs_full"], 3), _fmt(g["memory_vs_full"], 3)]
+            for m, g in report["methods"].items()]
     t = report["target"]
-    return f"target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}\n" + format_table(rows, header)
+    notes = "".join(f"\n{n}" for n in report.get("notes", []))
+    return (f"target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}; times are medians over "
+            f"seeds, a seed that never reached counted as inf\n" + format_table(rows, header) + notes)
 
 
 def _figure(size=(8, 5)):
@@ -176,17 +214,28 @@ def _colors(report: dict) -> dict[str, Any]:
 
 
 def plot_curves(report: dict, path: str) -> None:
-    """The target metric against wall-clock time, one line per trial, coloured by method."""
-    fig, ax = _figure()
-    colors, metric, seen = _colors(report), report["target"]["metric"], set()
-    for name, c in report["curves"].items():
-        if c["elapsed_s"]:
-            ax.plot(c["elapsed_s"], c[metric], marker=".", color=colors[c["method"]],
-                    label=None if c["method"] in seen else c["method"], alpha=0.8)
-            seen.add(c["method"])
-    ax.axhline(report["target"]["value"], color="k", linestyle="--", label="target")
-    ax.set(xlabel="wall-clock time (s)", ylabel=metric, title=f"{metric} vs time per method")
-    ax.legend()
+    """The target metric against the training clock (left) and the wall clock (right), one line
+    per trial, coloured by method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    colors, metric = _colors(report), report["target"]["metric"]
+    for ax, clock, label in zip(axes, ("train_s", "elapsed_s"), ("training time (s): init + steps + evals",
+                                                               "wall-clock time (s) since worker start")):
+        seen = set()
+        for c in report["curves"].values():
+            if c.get(clock):
+                ax.plot(c[clock], c[metric], marker=".", color=colors[c["method"]],
+                        label=None if c["method"] in seen else c["method"], alpha=0.8)
+                seen.add(c["method"])
+        ax.axhline(report["target"]["value"], color="k", linestyle="--", label="target")
+        ax.set(xlabel=label, title=f"{metric} vs {clock.removesuffix('_s').replace('elapsed', 'wall')} time")
+    axes[0].set_ylabel(metric)
+    axes[0].legend()
+    fig.tight_layout()
     fig.savefig(path)
 
 
@@ -217,17 +266,31 @@ def plot_pareto(report: dict, path: str) -> None:
     fig.savefig(path)
 
 
-def plot_gates(gates: dict, path: str) -> None:
-    """The hybrid's gate lambda (BOFT share of each layer) over the reports: layers x steps."""
-    layers = list(gates["layers"])
-    values = [[math.nan if v is None else v for v in gates["layers"][k]] for k in layers]
-    fig, ax = _figure((9, max(3, 0.35 * len(layers) + 1.5)))
-    im = ax.imshow(values, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(layers)), [k if len(k) < 40 else "..." + k[-37:] for k in layers], fontsize=7)
-    step_ticks = range(0, len(gates["steps"]), max(1, len(gates["steps"]) // 10))
-    ax.set_xticks(list(step_ticks), [str(gates["steps"][i]) for i in step_ticks])
-    ax.set(xlabel="step", title=f"hybrid gate lambda per layer ({gates['trial']})")
-    fig.colorbar(im, ax=ax, label="lambda (BOFT share)")
+def plot_layers(method: str, layers: dict, path: str) -> None:
+    """Every per-layer series a method reports (layers.json), one heatmap each: layers x steps.
+    A series in [0, 1] (the hybrid's gate: its BOFT share) keeps that scale; norms are log10."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(layers["layers"])
+    keys = sorted({k for d in layers["layers"].values() for k in d})
+    fig = Figure(figsize=(9, len(keys) * max(2.5, 0.3 * len(names) + 1.2)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    steps = layers["steps"]
+    ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
+    for ax, key in zip(axes, keys):
+        values = [[math.nan if v is None else v for v in layers["layers"][n].get(key, [None] * len(steps))] for n in names]
+        flat = [v for row in values for v in row if math.isfinite(v)]
+        unit = bool(flat) and min(flat) >= 0 and max(flat) <= 1
+        if not unit:
+            values = [[math.log10(v) if math.isfinite(v) and v > 0 else math.nan for v in row] for row in values]
+        im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest",
+                       **({"vmin": 0, "vmax": 1} if unit else {}))
+        ax.set_yticks(range(len(names)), [n if len(n) < 40 else "..." + n[-37:] for n in names], fontsize=6)
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+        ax.set(xlabel="step", title=f"{method}: {key} per layer ({layers['trial']})")
+        fig.colorbar(im, ax=ax, label=key if unit else f"log10 {key}")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -238,7 +301,7 @@ def write_report(report: dict, out_dir: str, uri: str | None = None, stream=None
     os.makedirs(out_dir, exist_ok=True)
     print(table(report), file=stream or sys.stdout, flush=True)
     files = {name: os.path.join(out_dir, name) for name in ("compare.csv", "trials.csv", "compare.json", "curves.png", "pareto.png")}
-    columns = ["method", "config", "seeds", "reached", "failed", "time_to_quality_s", "ttq_min", "ttq_max", "ttq_q1",
+    columns = ["method", "config", "seeds", "reached", "failed", *STATS[:1], "ttq_min", "ttq_max", "ttq_q1",
                "ttq_q3", *STATS[1:], *RATIOS.values()]
     _csv(files["compare.csv"], columns, list(report["methods"].values()))
     _csv(files["trials.csv"], ["name", "method", "seed", "status", "stop_reason", *STATS, "elapsed_s", "run_id"], report["trials"])
@@ -246,9 +309,9 @@ def write_report(report: dict, out_dir: str, uri: str | None = None, stream=None
         json.dump(report, f, indent=2)
     plot_curves(report, files["curves.png"])
     plot_pareto(report, files["pareto.png"])
-    if report.get("gates"):
-        files["gates.png"] = os.path.join(out_dir, "gates.png")
-        plot_gates(report["gates"], files["gates.png"])
+    for method, layers in report.get("layers", {}).items():
+        files[f"layers-{method}.png"] = os.path.join(out_dir, f"layers-{method}.png")
+        plot_layers(method, layers, files[f"layers-{method}.png"])
     if uri:
         from mlflow import MlflowClient
 

@@ -112,14 +112,17 @@ class TargetConfig:
 class DeepSpeedConfig:
     """Args:
     zero_stage: ZeRO stage 0-3 (2 partitions optimizer state and gradients; 3 also parameters).
-    offload_optimizer: keep optimizer state in CPU memory (ZeRO >= 1).
+    offload_optimizer: keep optimizer state in CPU memory and step it there with DeepSpeed's CPU
+        Adam (ZeRO >= 1).
+    offload_param: keep parameters in CPU memory between uses (ZeRO-3 only).
     precision: auto = bf16 on GPUs that support it, fp32 on CPU.
     config_file: a full DeepSpeed JSON; its keys override the generated ones (an `optimizer` or
         `scheduler` block there replaces ours).
     """
 
     zero_stage: int = dataclasses.field(default=2, metadata={"help": "ZeRO stage 0-3"})
-    offload_optimizer: bool = dataclasses.field(default=False, metadata={"help": "optimizer state in CPU memory"})
+    offload_optimizer: bool = dataclasses.field(default=False, metadata={"help": "optimizer state in CPU memory (CPU Adam)"})
+    offload_param: bool = dataclasses.field(default=False, metadata={"help": "parameters in CPU memory (ZeRO-3)"})
     precision: Precision = dataclasses.field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
     config_file: str | None = dataclasses.field(default=None, metadata={"help": "DeepSpeed JSON overriding generated keys"})
 
@@ -127,6 +130,7 @@ class DeepSpeedConfig:
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         check_choice("precision", self.precision, Precision)
         check(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer", True, "needs zero_stage >= 1")
+        check(not (self.offload_param and self.zero_stage != 3), "offload_param", True, "needs zero_stage: 3")
         if self.config_file is not None:
             check(os.path.isfile(self.config_file), "config_file", self.config_file, "file not found")
 

@@ -28,12 +28,29 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _user_json(cfg: TrialConfig) -> dict[str, Any]:
+    if not cfg.deepspeed.config_file:
+        return {}
+    with open(cfg.deepspeed.config_file) as f:
+        return json.load(f)
+
+
+def generated_optimizer(cfg: TrialConfig) -> bool:
+    """True when the `optimizer` block is ours: under offload DeepSpeed must build its own CPU Adam
+    (it rejects a torch optimizer there), so the trial's AdamW settings go into the config."""
+    ds = cfg.deepspeed
+    return (ds.offload_optimizer or ds.offload_param) and "optimizer" not in _user_json(cfg)
+
+
 def build_deepspeed_config(cfg: TrialConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
     precision = resolve_precision(ds.precision)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    pin = torch.cuda.is_available()  # pinned host memory only helps (and only exists) with a GPU
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     config = {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -45,9 +62,20 @@ def build_deepspeed_config(cfg: TrialConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our own reports replace DeepSpeed's log lines
         "wall_clock_breakdown": False,
     }
+    if generated_optimizer(cfg):
+        # DeepSpeed's CPU Adam in AdamW mode, with torch.optim.AdamW's defaults for the rest.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+                                                           "betas": [0.9, 0.999], "eps": 1e-8}}
     if ds.config_file:
-        with open(ds.config_file) as f:
-            config = _merge(config, json.load(f))
+        user = _user_json(cfg)
+        config = _merge(config, user)
+        kind = str(user.get("optimizer", {}).get("type", "adamw")).lower()
+        forced = config.get("zero_force_ds_cpu_optimizer", True) is False
+        if (ds.offload_optimizer or ds.offload_param) and kind not in ("adam", "adamw") and not forced:
+            raise ConfigError(
+                f"deepspeed.config_file={ds.config_file}: optimizer type {user['optimizer']['type']!r} cannot run with "
+                "offload_optimizer / offload_param (DeepSpeed offloads Adam and AdamW only; set "
+                "zero_force_ds_cpu_optimizer: false in the JSON to force another optimizer)")
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             ours = {"train_batch_size": cfg.train.batch_size, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
                     "gradient_accumulation_steps": cfg.train.grad_accum}[key]

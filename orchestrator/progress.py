@@ -8,6 +8,7 @@ import time
 
 from ray.tune import Callback
 
+from orchestrator import report
 from orchestrator.config import Target
 
 
@@ -31,15 +32,15 @@ class LiveTable(Callback):
 
     def _row(self, trial) -> list[str]:
         r = self.last.get(trial.trial_id, {})
-        return [str(trial), trial.status, trial.config["run"]["trial"]["method"]["name"], fmt(r.get("step")),
-                fmt(r.get(self.target.metric)), fmt(r.get("time_to_quality_s"), 3),
-                fmt(r.get("peak_memory_mb"), 5), r.get("stop_reason") or ""]
+        return [str(trial), trial.status, trial.config["run"]["trial"]["method"]["name"],
+                fmt(r.get(self.target.metric)), *(fmt(r.get(k), 4) if k != "stop_reason" else r.get(k) or ""
+                                                  for k in report.COLUMNS)]
 
     def _print(self, trials, force: bool = False) -> None:
         if not force and time.time() - self.printed < self.every_s:
             return
         self.printed = time.time()
-        header = ["trial", "status", "method", "step", self.target.metric, "ttq_s", "peak_mb", "stop"]
+        header = ["trial", "status", "method", self.target.metric, *map(report.short, report.COLUMNS)]
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         print(f"\n== {done}/{len(trials)} trials done; target {self.target.metric} "
               f"{'>=' if self.target.mode == 'max' else '<='} {self.target.value}", file=sys.stdout)

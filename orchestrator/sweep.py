@@ -77,8 +77,13 @@ def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None
 
 def max_concurrent(spec: SweepSpec, cluster: dict[str, float]) -> int:
     """Trials whose worker groups fit at once in the cluster's CPUs and GPUs (at least 1)."""
+    from orchestrator.cores import cores_wanted
+
     r = spec.resources
-    per_trial_cpu = r.num_workers * r.cpus_per_worker + DRIVER_RESOURCES["CPU"]
+    # CPU trials pin whole cores (orchestrator.cores): 0.49 CPU per worker is a core of its own,
+    # so that concurrent trials never time each other.
+    cpus = r.cpus_per_worker if r.gpus_per_worker else cores_wanted(r.cpus_per_worker)
+    per_trial_cpu = r.num_workers * cpus + DRIVER_RESOURCES["CPU"]
     fits = [math.floor(cluster.get("CPU", 0) / per_trial_cpu + 1e-9)]
     if r.gpus_per_worker:
         fits.append(math.floor(cluster.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
@@ -98,6 +103,14 @@ def _param_space(spec: SweepSpec, target: Target) -> dict[str, Any]:
         return {**common, "run": {"name": None, "trial": spec.trial_dict(method, point, spec.tune.seeds[0])}}
     runs = [{"name": trial_name(t["trial"], t["point"]), "trial": t["trial"]} for t in spec.plan()]
     return {**common, "run": tune.grid_search(runs)}
+
+
+def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
+    """The planned trials' configs (Optuna: the first method's base config)."""
+    if spec.tune.search_alg == "optuna":
+        method = next(iter(spec.methods))
+        return [TrialConfig.from_dict(spec.trial_dict(method, {}, spec.tune.seeds[0]))]
+    return [TrialConfig.from_dict(t["trial"]) for t in spec.plan()]
 
 
 def storage_path(spec: SweepSpec) -> str:
@@ -164,6 +177,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         plan = spec.plan() if spec.tune.search_alg != "optuna" else None
         parent = tracking.start_parent_run(spec, plan, uri, target)
         live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
+    from orchestrator.nodes import prepare_nodes
+
+    prepare_nodes(trial_configs(spec), quiet=quiet)  # op builds and downloads outside every trial's clock
     tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume)
     started = time.time()
     try:
@@ -217,8 +233,10 @@ def stop_reason(result) -> str:
 
 
 def summarize(results, target: Target) -> dict[str, Any]:
-    """Per trial: status and final metrics; per method: the best configuration (target reached
-    soonest, else the best final metric)."""
+    """Per trial: status and final numbers (report.SUMMARY); per method: the best trial by the one
+    ranking rule (report.rank_key: reached, then training time-to-quality, then the final metric)."""
+    from orchestrator import report
+
     trials = []
     for r in results:
         m = r.metrics or {}
@@ -228,18 +246,17 @@ def summarize(results, target: Target) -> dict[str, Any]:
             "config": r.config["run"]["trial"],
             "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
-            "step": m.get("step"), "metric": m.get(target.metric), "time_to_quality_s": m.get("time_to_quality_s"),
-            "peak_memory_mb": m.get("peak_memory_mb"), "trainable_params": m.get("trainable_params"),
-            "elapsed_s": m.get("elapsed_s"),
+            "metric": m.get(target.metric), **{k: m.get(k) for k in report.SUMMARY},
         })
+
+    def key(t):
+        reached = t[report.TIME_TO_QUALITY] is not None
+        return report.rank_key(int(reached), 1, t[report.TIME_TO_QUALITY], t["metric"], target.mode)
+
     best: dict[str, dict[str, Any]] = {}
-    sign = 1 if target.mode == "max" else -1
     for t in trials:
         if t["metric"] is None or t["status"] == "ERROR":
             continue
-        key = (t["time_to_quality_s"] is not None, -(t["time_to_quality_s"] or 0), sign * t["metric"])
-        if t["method"] not in best or key > best[t["method"]]["_key"]:
-            best[t["method"]] = {**t, "_key": key}
-    for b in best.values():
-        b.pop("_key")
+        if t["method"] not in best or key(t) > key(best[t["method"]]):
+            best[t["method"]] = t
     return {"target": dataclasses.asdict(target), "trials": trials, "best": best}

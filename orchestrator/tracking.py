@@ -34,14 +34,15 @@ from typing import Any
 from ray.tune import Callback
 
 from methods.config import ConfigError
+from orchestrator import report
 
 log = logging.getLogger(__name__)
 PACKAGES = ("torch", "ray", "deepspeed", "transformers", "mlflow", "peft-orchestrator")
-# Tune bookkeeping and non-metrics in a report; every other number is logged as a metric.
-NOT_METRICS = {"step", "done", "target", "training_iteration", "timestamp", "pid", "time_this_iter_s",
-               "time_total_s", "time_since_restore", "iterations_since_restore", "trial_id", "config",
-               "date", "hostname", "node_ip", "checkpoint_dir_name", "checkpoint_path", "gates",
-               "stop_reason", "target_metric"}
+# Tune's bookkeeping in a report; the trial's own fields are declared in orchestrator.report.
+TUNE_KEYS = {"training_iteration", "timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since_restore",
+             "iterations_since_restore", "trial_id", "config", "date", "hostname", "node_ip",
+             "checkpoint_dir_name", "checkpoint_path"}
+LAYERS_ARTIFACT = "layers.json"  # per-layer diagnostics over the reports (the hybrid's gate and norms)
 
 # ----------------------------------------------------------------------------- names and params
 
@@ -101,12 +102,23 @@ def trial_params(trial: dict[str, Any], target: dict | None = None) -> dict[str,
 
 
 def report_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers of one Tune report (bools as 0/1); the hybrid's gates as their mean."""
-    out = {k: float(v) for k, v in result.items() if k not in NOT_METRICS and isinstance(v, (int, float))}
-    gates = result.get("gates")
-    if gates:
-        out["gate_mean"] = sum(gates.values()) / len(gates)
+    """The numbers of one Tune report (bools as 0/1); per-layer diagnostics as their mean over
+    layers (`layer_mean/<name>`, e.g. layer_mean/gate); the series per layer go to layers.json."""
+    out = {k: float(v) for k, v in result.items() if k not in TUNE_KEYS and report.is_metric(k, v)}
+    layers = result.get("layers") or {}
+    for key in sorted({k for d in layers.values() for k in d}):
+        values = [d[key] for d in layers.values() if isinstance(d.get(key), (int, float)) and math.isfinite(d[key])]
+        if values:
+            out[f"layer_mean/{key}"] = sum(values) / len(values)
     return out
+
+
+def layer_series(history: list[dict]) -> dict[str, Any]:
+    """[{step, layers: {layer: {name: value}}}] -> {"steps": [...], "layers": {layer: {name: [values]}}}."""
+    names = sorted({layer for h in history for layer in h["layers"]})
+    keys = sorted({k for h in history for d in h["layers"].values() for k in d})
+    return {"steps": [h["step"] for h in history],
+            "layers": {n: {k: [h["layers"].get(n, {}).get(k) for h in history] for k in keys} for n in names}}
 
 
 def final_metrics(last: dict[str, Any], target: dict) -> dict[str, float]:
@@ -301,8 +313,8 @@ def find_or_create_run(client, experiment_id: str, parent_run_id: str | None, tr
 
 
 def finish_run(client, run_id: str, last: dict, target: dict, status: str, stop_reason: str,
-               error: str | None, gates: list[dict]) -> None:
-    """Final metrics, status / stop_reason tags, error text, gate history, adapter; end the run."""
+               error: str | None, layers: list[dict]) -> None:
+    """Final metrics, status / stop_reason tags, error text, per-layer history, adapter; end the run."""
     tags = {"status": status, "stop_reason": stop_reason}
     if error:
         tags["error"] = error.strip().splitlines()[-1][:4000] if error.strip() else "error"
@@ -310,12 +322,16 @@ def finish_run(client, run_id: str, last: dict, target: dict, status: str, stop_
     logged = client.get_run(run_id).data.metrics  # sync may finish a run twice: log no value twice
     finals = {k: v for k, v in final_metrics(last, target).items() if logged.get(k) != v}
     _log_batch(client, run_id, metrics=finals, step=int(last.get("step") or 0), tags=tags)
-    if gates:
-        layers = sorted({k for g in gates for k in g["gates"]})
-        client.log_dict(run_id, {"steps": [g["step"] for g in gates],
-                                 "layers": {k: [g["gates"].get(k) for g in gates] for k in layers}}, "gates.json")
-        rows = [",".join(["step", *layers])] + [",".join([str(g["step"]), *(str(g["gates"].get(k, "")) for k in layers)]) for g in gates]
-        client.log_text(run_id, "\n".join(rows) + "\n", "gates.csv")
+    if layers:
+        series = layer_series(layers)
+        client.log_dict(run_id, series, LAYERS_ARTIFACT)
+        # The same numbers long-form, one row per (step, layer), for pandas / a spreadsheet.
+        keys = sorted({k for d in series["layers"].values() for k in d})
+        rows = [",".join(["step", "layer", *keys])]
+        for i, step in enumerate(series["steps"]):
+            for name, d in series["layers"].items():
+                rows.append(",".join([str(step), name, *("" if d[k][i] is None else str(d[k][i]) for k in keys)]))
+        client.log_text(run_id, "\n".join(rows) + "\n", "layers.csv")
     if last.get("checkpoint_path") and not client.list_artifacts(run_id, "adapter"):
         _log_adapter(client, run_id, last["checkpoint_path"])
     client.set_terminated(run_id, "FAILED" if status == "ERROR" else "FINISHED")
@@ -347,7 +363,7 @@ class MlflowTracker(Callback):
     def _init_runtime(self) -> None:
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last: dict[str, dict] = {}  # trial id -> last report
-        self._gates: dict[str, list[dict]] = {}  # trial id -> [{step, gates}]
+        self._layers: dict[str, list[dict]] = {}  # trial id -> [{step, layers}]
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._client = self._experiment_id = None
@@ -412,7 +428,7 @@ class MlflowTracker(Callback):
     def _end(self, trial_id, name, config, status, stop_reason, error):
         run_id = self._run_id(trial_id, name, config)
         finish_run(self._client, run_id, self._last.get(trial_id, {}), self.target, status, stop_reason,
-                   error, self._gates.get(trial_id, []))
+                   error, self._layers.get(trial_id, []))
 
     # -- Tune's hooks (driver loop: enqueue only)
     @staticmethod
@@ -427,8 +443,8 @@ class MlflowTracker(Callback):
         if result.get("checkpoint_path") is None and trial.trial_id in self._last:
             result["checkpoint_path"] = self._last[trial.trial_id].get("checkpoint_path")
         self._last[trial.trial_id] = result
-        if result.get("gates"):
-            self._gates.setdefault(trial.trial_id, []).append({"step": result.get("step"), "gates": dict(result["gates"])})
+        if result.get("layers"):
+            self._layers.setdefault(trial.trial_id, []).append({"step": result.get("step"), "layers": result["layers"]})
         self._submit(self._result, *self._who(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -492,11 +508,10 @@ def stored_trials(sweep_dir: str, summary: dict, sweep: str) -> list[dict]:
         error = _read_text(os.path.join(folder, "error.txt")) or row.get("error")
         trials.append({"trial_id": trial_id, "config": config, "reports": reports, "row": row, "error": error})
     for row in rows.values():
-        keys = ("step", "elapsed_s", "peak_memory_mb", "trainable_params", "time_to_quality_s")
-        report = {k: row[k] for k in keys if row.get(k) is not None}
+        last = {k: row[k] for k in report.SUMMARY if row.get(k) is not None}
         if row.get("metric") is not None:
-            report[summary["target"]["metric"]] = row["metric"]
-        trials.append({"trial_id": row["trial_id"], "row": row, "error": row.get("error"), "reports": [report] if report else [],
+            last[summary["target"]["metric"]] = row["metric"]
+        trials.append({"trial_id": row["trial_id"], "row": row, "error": row.get("error"), "reports": [last] if last else [],
                        "config": {"sweep": sweep, "run": {"name": row["name"], "trial": row["config"]}}})
     return trials
 
@@ -544,8 +559,8 @@ def sync_from_storage(path: str, uri: str, experiment: str | None = None) -> dic
         last["checkpoint_path"] = next((r["checkpoint_path"] for r in reversed(t["reports"]) if r.get("checkpoint_path")), None)
         status = "ERROR" if t["error"] or t["row"].get("status") == "ERROR" else "TERMINATED"
         stop = t["row"].get("stop_reason") or ("error" if status == "ERROR" else last.get("stop_reason") or "early_stopped")
-        gates = [{"step": r.get("step"), "gates": r["gates"]} for r in t["reports"] if r.get("gates")]
-        finish_run(client, run_id, last, target, status, stop, t["error"], gates)
+        layers = [{"step": r.get("step"), "layers": r["layers"]} for r in t["reports"] if r.get("layers")]
+        finish_run(client, run_id, last, target, status, stop, t["error"], layers)
         counts["trials"] += 1
         counts["created"] += not before
     if summary and parent_status == "RUNNING":  # the sweep ended but its parent run was never closed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 from orchestrator.config import Target, TrialConfig, validate_trial
@@ -53,7 +54,9 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
     log = [_report_log_callback(os.path.join(storage_path, name, REPORTS_FILE))] if "://" not in storage_path else []
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict(), "target": dataclasses.asdict(target)},
+        # launched_at: the worker group's start-up is reported apart (worker_start_s), never in a clock.
+        train_loop_config={"trial": cfg.to_dict(), "target": dataclasses.asdict(target), "name": name,
+                           "launched_at": time.time()},
         # Generative tasks score on rank 0 (a sandbox, a judge) while the other ranks wait in a
         # broadcast: Ray's 30-minute default collective timeout would end a long MT-Bench judging.
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
@@ -76,8 +79,11 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
 
 def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial") -> Any:
     """Validate (before anything starts), then run one trial to completion; returns Ray's Result."""
+    from orchestrator.nodes import prepare_nodes
+
     target = validate_trial(cfg)
     build_deepspeed_config(cfg)  # a bad DeepSpeed JSON fails here, not in a worker
+    prepare_nodes([cfg])  # op builds and downloads before the trial's clock starts
     return build_trainer(cfg, target, storage_path, name).fit()
 
 

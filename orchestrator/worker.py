@@ -2,21 +2,26 @@
 
     train_loop_per_worker(config)    setup -> loop (train, evaluate, report) -> checkpoint / adapter
 
-Reading order of the worker loop is the order it runs in (nanoGPT-style): clock, model, data,
-method, DeepSpeed engine, resume, the loop, the final adapter. Every rank calls `ray.train.report`
-(it is a barrier); only rank 0 prints.
+Reading order of the worker loop is the order it runs in (nanoGPT-style): clock, cores, model on
+the device, data, method, DeepSpeed engine, resume, the loop, the final adapter. Every rank calls
+`ray.train.report` (it is a barrier); only rank 0 prints. What a report holds is declared in
+`orchestrator.report`.
 
-Time-to-quality follows MLPerf's rule: the clock starts when the worker loop starts, before the
-data is touched, and never pauses: after a worker failure the clock is restored from the
-checkpoint's wall-clock start, so the lost work and the restart are counted too.
+Two time-to-quality clocks. The wall one follows MLPerf's rule: it starts when the worker loop
+starts and never pauses (after a worker failure it is restored from the checkpoint's wall-clock
+start, so lost work and the restart count). The training one adds up only what the method costs:
+its initialisation (LoRA-GA's gradient pass), steps and evaluations, not setup (model load,
+DeepSpeed engine, op builds) nor checkpoint writes. Every collective goes through
+`methods.collectives`, which puts tensors where the backend wants them (NCCL: the GPU).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import os
 import random
-import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,8 +30,10 @@ from typing import Any
 import torch
 
 import methods
+from methods import collectives
+from orchestrator import cores, memory, report
 from orchestrator.config import Target, TrialConfig
-from orchestrator.deepspeed_config import build_deepspeed_config
+from orchestrator.deepspeed_config import build_deepspeed_config, generated_optimizer, resolve_precision
 from orchestrator.tasks import get_task
 
 ADAPTER_DIR = "adapter"  # inside the final checkpoint: methods.save_adapter's format
@@ -89,48 +96,132 @@ def shard_batches(examples: list[dict], collate, micro: int, seed: int, rank: in
         epoch += 1
 
 
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
-        torch.distributed.all_reduce(t, op=reduce_op)
-    return t.tolist()
+class Clock:
+    """The trial's clock parts (report.CLOCK_PARTS), carried in the trial state across restarts."""
+
+    def __init__(self, parts: dict[str, float]):
+        self.parts = parts
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.parts[part] += time.time() - started
+
+    @property
+    def training(self) -> float:
+        """What the method costs: its initialisation, its steps and its evaluations."""
+        return self.parts["method_init_s"] + self.parts["train_s"] + self.parts["eval_s"]
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """GPU: max allocated; CPU: max RSS of this process. The max over ranks is taken by the caller."""
+def pin_cores(cfg: TrialConfig, device: torch.device, name: str) -> int:
+    """CPU: this worker's own cores and as many torch threads; GPU: registered, not pinned.
+    Returns the torch thread count."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        cores.claim_none(name)
+        return torch.get_num_threads()
+    chosen, exclusive = cores.claim(cores.cores_wanted(cfg.resources.cpus_per_worker), name)
+    if not exclusive:
+        print(f"[trial] warning: fewer free cores than asked for; sharing cores {chosen} "
+              "(the trial's times are measured under contention: see concurrent_trials)", flush=True)
+    torch.set_num_threads(len(chosen))
+    return len(chosen)
+
+
+def estimate_loss(device: torch.device, precision: str):
+    """LoRA-GA's gradient pass in the trial's precision (autocast: fp32 accumulation stays in
+    `estimate_gradients`), on the worker's device."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def loss_fn(model, batch):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+    return loss_fn
+
+
+def memory_report(engine, cfg: TrialConfig, device: torch.device, activations: int, rss_base: float) -> dict[str, float]:
+    """report's memory fields, from the rank whose counted total is largest (so the parts sum to the
+    total), RSS and GPU peaks as the max over ranks."""
+    world = collectives.world_size()
+    mine = [memory.weights_bytes(engine.module) / memory.MB,
+            memory.gradients_bytes(engine.module, cfg.deepspeed.zero_stage, world) / memory.MB,
+            memory.optimizer_bytes(engine.optimizer, engine.module) / memory.MB,
+            activations / memory.MB]
+    parts = max(collectives.all_gather_object(mine), key=sum)
+    out = dict(zip(report.MEMORY_PARTS, parts))
+    rss = memory.max_rss_mb()
+    peaks = [rss, rss - rss_base]
+    if device.type == "cuda":
+        peaks += memory.gpu_peaks_mb(device)
+    peaks = collectives.all_reduce_values(peaks, op="max")
+    out.update(rss_peak_mb=peaks[0], rss_above_baseline_mb=peaks[1])
+    if device.type == "cuda":
+        out.update(peak_memory_mb=peaks[2], gpu_reserved_mb=peaks[3])
+    else:
+        out["peak_memory_mb"] = sum(parts)
+    return out
+
+
+def build_engine(model, cfg: TrialConfig):
+    """The DeepSpeed engine with our AdamW and LR schedule, unless the user's JSON brings its own.
+    Under optimizer offload DeepSpeed builds its CPU Adam from the generated `optimizer` block
+    (it rejects a torch optimizer there); our schedule goes on whichever optimizer it holds."""
+    import deepspeed
+
+    ds_config = build_deepspeed_config(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = None
+    if "scheduler" not in ds_config and (optimizer is not None or generated_optimizer(cfg)):
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
 
 
 # ----------------------------------------------------------------------------- the worker loop
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import deepspeed
     import ray.train
+    import ray.train.torch
     from deepspeed.utils import safe_get_full_grad
 
+    started = time.time()
     cfg = TrialConfig.from_dict(config["trial"])
     target = Target(**config["target"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    name = config.get("name") or ray.train.get_context().get_experiment_name()
+    rank, world = collectives.rank(), collectives.world_size()
     master = rank == 0
     checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "clock_start": time.time(),
-                             "time_to_quality_s": None, "epoch": 0}
+    state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "clock_start": started, "reached": None,
+                             "epoch": 0, "clocks": dict.fromkeys(report.CLOCK_PARTS, 0.0)}
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
     clock_start = state["clock_start"]  # MLPerf: never pauses, survives restarts
+    clock = Clock(state["clocks"])
+    worker_start_s = max(0.0, started - config["launched_at"]) if config.get("launched_at") and checkpoint is None else None
 
-    # ---- model and data
-    task = get_task(cfg.data.name)
-    torch.manual_seed(cfg.train.seed)
-    tokenizer, model = load_model(cfg, task)
-    train_examples, eval_examples = task.load(cfg.data)
-    random.Random(cfg.train.seed).shuffle(train_examples)
+    # ---- setup: device, cores, model, data (this process's part; a restart adds its own)
+    device = ray.train.torch.get_device()
+    threads = pin_cores(cfg, device, name)
+    atexit.register(cores.release)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the trial's peak, not the process's history
+    rss_base = memory.rss_mb()
+    with clock("setup_s"):
+        task = get_task(cfg.data.name)
+        torch.manual_seed(cfg.train.seed)
+        tokenizer, model = load_model(cfg, task)
+        model.to(device)  # before the method: LoRA-GA estimates on the device, in the trial's peak
+        train_examples, eval_examples = task.load(cfg.data)
+        random.Random(cfg.train.seed).shuffle(train_examples)
 
     def collate(examples):
         return task.collate(tokenizer, examples, max_length=cfg.data.max_length)
@@ -139,54 +230,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_batches = [task.collate_eval(tokenizer, eval_examples[i : i + micro * 2], cfg.data)
                     for i in range(0, len(eval_examples), micro * 2)]
 
-    # ---- method: on resume, the saved adapter (a gradient init is not replayed)
+    # ---- method: on resume, the saved adapter (a gradient init is not replayed: setup, not init)
     method_cfg = cfg.method.build()
     modules_to_save = head_modules(model, cfg, task)
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with clock("setup_s"), checkpoint.as_directory() as d:
             model = methods.load_adapter(model, os.path.join(d, ADAPTER_DIR))
     else:
-        grad_batches = (b for _, b in shard_batches(train_examples, collate, micro, cfg.train.seed + 1, rank, world))
-        methods.apply_method(model, method_cfg, batches=grad_batches, modules_to_save=modules_to_save)
+        with clock("method_init_s"):
+            grad_batches = (b for _, b in shard_batches(train_examples, collate, micro, cfg.train.seed + 1, rank, world))
+            methods.apply_method(model, method_cfg, batches=grad_batches, modules_to_save=modules_to_save,
+                                 loss_fn=estimate_loss(device, resolve_precision(cfg.deepspeed.precision)))
     trainable, total = methods.count_parameters(model)
 
-    # ---- DeepSpeed engine: our AdamW and LR schedule unless the user's JSON brings its own
-    ds_config = build_deepspeed_config(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = None
-    if optimizer is not None and "scheduler" not in ds_config:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, load_module_strict=False)
-    device = engine.device
+    # ---- DeepSpeed engine (setup: any op it builds is a cost of the machine, not of the method)
+    with clock("setup_s"):
+        engine = build_engine(model, cfg)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                engine.load_checkpoint(d, load_module_strict=False)
 
     # ---- the loop
     batches = shard_batches(train_examples, collate, micro, cfg.train.seed, rank, world, state["epoch"])
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
+    activations = {"bytes": 0, "peak": 0}
+    contention = 0
     reports_since_checkpoint = 0
     stop_reason = None
     engine.train()
     while state["step"] < cfg.train.max_steps and stop_reason is None:
-        for _ in range(cfg.train.grad_accum):
-            state["epoch"], batch = next(batches)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                methods.after_backward(engine.module, state["step"] + 1, safe_get_full_grad)
-            engine.step()
-            window["loss"] += loss.item()
-            window["n"] += 1
-            window["samples"] += batch["input_ids"].shape[0]
-            window["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        state["step"] += 1
-        # Summed over ranks every step: all ranks must agree on divergence, or they would part ways.
-        loss_sum, n, samples, tokens = all_reduce([window["loss"], window["n"], window["samples"], window["tokens"]])
+        with clock("train_s"):
+            for micro_step in range(cfg.train.grad_accum):
+                state["epoch"], batch = next(batches)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                # Activations measured on the first micro-step of every report window (hooks only count).
+                measure = memory.saved_activations(engine.module, activations) if window["n"] == 0 else contextlib.nullcontext()
+                with measure:
+                    loss = engine(**batch).loss
+                activations["peak"] = max(activations["peak"], activations["bytes"])
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    methods.after_backward(engine.module, state["step"] + 1, safe_get_full_grad)
+                engine.step()
+                window["loss"] += loss.item()
+                window["n"] += 1
+                window["samples"] += batch["input_ids"].shape[0]
+                window["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            state["step"] += 1
+            # Summed over ranks every step: all ranks must agree on divergence, or they would part ways.
+            loss_sum, n, samples, tokens = collectives.all_reduce_values(
+                [window["loss"], window["n"], window["samples"], window["tokens"]])
+        contention = max(contention, cores.other_trials(name))
         if not math.isfinite(loss_sum):
             stop_reason = "diverged"
         elif state["step"] % cfg.train.eval_every and state["step"] < cfg.train.max_steps:
@@ -198,50 +292,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["samples"] += int(samples)
         state["tokens"] += int(tokens)
         if stop_reason is None:
-            metrics.update(task.evaluate(engine, eval_batches, tokenizer))
+            with clock("eval_s"):
+                metrics.update(task.evaluate(engine, eval_batches, tokenizer))
         else:  # diverged: the worst score, so that schedulers and summaries rank it last
             metrics[target.metric] = float("-inf") if target.mode == "max" else float("inf")
         elapsed = time.time() - clock_start
         score = metrics.get(target.metric)
-        if stop_reason is None and state["time_to_quality_s"] is None and score is not None and target.reached(score):
-            state["time_to_quality_s"] = elapsed
+        if stop_reason is None and state["reached"] is None and score is not None and target.reached(score):
+            state["reached"] = {"time_to_quality_s": elapsed, "train_time_to_quality_s": clock.training,
+                                "samples_to_quality": state["samples"], "tokens_to_quality": state["tokens"]}
             if cfg.train.stop_at_target:
                 stop_reason = "target_reached"
         if stop_reason is None and state["step"] >= cfg.train.max_steps:
             stop_reason = "budget"
-        (peak,) = all_reduce([peak_memory_mb(device)], op="max")
+        (contention,) = collectives.all_reduce_values([contention], op="max")
         metrics.update({
             "samples_seen": state["samples"], "tokens_seen": state["tokens"],
             "samples_per_s": samples / max(now - window["t"], 1e-9), "tokens_per_s": tokens / max(now - window["t"], 1e-9),
-            "elapsed_s": elapsed, "peak_memory_mb": peak, "trainable_params": trainable, "total_params": total,
-            "target_metric": target.metric, "target": target.value, "target_reached": state["time_to_quality_s"] is not None,
+            "elapsed_s": elapsed, **clock.parts, "trainable_params": trainable, "total_params": total,
+            **memory_report(engine, cfg, device, activations["peak"], rss_base),
+            "concurrent_trials": int(contention), "cpu_threads": threads,
+            "target_metric": target.metric, "target": target.value, "target_reached": state["reached"] is not None,
             "done": stop_reason is not None, "stop_reason": stop_reason or "",
             "lr": engine.get_lr()[0] if engine.get_lr() else cfg.train.lr,
+            **(state["reached"] or {}),
         })
-        if state["time_to_quality_s"] is not None:
-            metrics["time_to_quality_s"] = state["time_to_quality_s"]
-        gates = methods.gate_values(engine.module)
+        if worker_start_s is not None:
+            metrics["worker_start_s"] = worker_start_s
+        layers = methods.layer_diagnostics(engine.module)
+        if layers:
+            metrics["layers"] = layers
+        gates = [d["gate"] for d in layers.values() if "gate" in d]
         if gates:
-            metrics["gates"] = gates
             # Every rank must hold the same gates (they come from reduced gradients): checked, not assumed.
-            values = list(gates.values())
-            high = all_reduce(values, op="max")
-            low = all_reduce([-v for v in values], op="max")
-            metrics["gate_rank_spread"] = max(h + lo for h, lo in zip(high, low))
+            high = collectives.all_reduce_values(gates, op="max")
+            low = collectives.all_reduce_values(gates, op="min")
+            metrics["gate_rank_spread"] = max(h - lo for h, lo in zip(high, low))
         reports_since_checkpoint += 1
         due = cfg.train.checkpoint_every and reports_since_checkpoint >= cfg.train.checkpoint_every
         if due or stop_reason is not None:
             reports_since_checkpoint = 0
-            report_with_checkpoint(engine, metrics, state, final=stop_reason is not None)
+            with clock("checkpoint_s"):
+                report_with_checkpoint(engine, metrics, state, final=stop_reason is not None)
         else:
             ray.train.report(metrics)
         if master:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k != "gates"}
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k != "layers"}
             print(f"[trial] {shown}", flush=True)
         window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
+        activations["peak"] = 0
 
-    if torch.distributed.is_initialized():  # leave together: a rank exiting early aborts the others
-        torch.distributed.barrier()
+    collectives.barrier()  # leave together: a rank exiting early aborts the others
+    cores.release()
 
 
 def report_with_checkpoint(engine, metrics: dict, state: dict, final: bool) -> None:
@@ -256,15 +358,12 @@ def report_with_checkpoint(engine, metrics: dict, state: dict, final: bool) -> N
             if rank == 0:
                 methods.save_adapter(engine.module, os.path.join(d, ADAPTER_DIR))
                 torch.save(state, os.path.join(d, STATE_FILE))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        collectives.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def gathered_adapter(engine):
     """Full adapter tensors on every rank for the duration (ZeRO-3 partitions them)."""
-    import contextlib
-
     if engine.zero_optimization_stage() < 3:
         return contextlib.nullcontext()
     import deepspeed

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
+from methods import collectives
 
 
 def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return collectives.world_size()
 
 
 def sharded_map(batches: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any]) -> list[Any]:
@@ -26,14 +26,13 @@ def sharded_map(batches: list[dict[str, Any]], fn: Callable[[dict[str, Any]], An
     results gathered in order on every rank. Every rank calls fn the same number of times."""
     if _world() == 1:
         return [fn(b) for b in batches]
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = collectives.rank(), collectives.world_size()
     mine = list(range(rank, len(batches), world))
     calls = -(-len(batches) // world)  # ceil: the busiest rank's share
     results = {i: fn(batches[i]) for i in mine}
     for _ in range(calls - len(mine)):  # keep step with the others' collectives; result dropped
         fn(batches[0])
-    gathered: list[dict[int, Any]] = [{} for _ in range(world)]
-    torch.distributed.all_gather_object(gathered, results)
+    gathered = collectives.all_gather_object(results)
     merged = {i: r for part in gathered for i, r in part.items()}
     return [merged[i] for i in range(len(batches))]
 
@@ -42,14 +41,13 @@ def on_rank_zero(compute: Callable[[], dict[str, float]]) -> dict[str, float]:
     """`compute()` on rank 0, its result (or its error) broadcast to every rank."""
     if _world() == 1:
         return compute()
-    box: list[Any] = [None]
-    if torch.distributed.get_rank() == 0:
+    outcome: tuple[str, Any] | None = None
+    if collectives.rank() == 0:
         try:
-            box[0] = ("ok", compute())
+            outcome = ("ok", compute())
         except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast, then all raise together
-            box[0] = ("error", f"{type(e).__name__}: {e}")
-    torch.distributed.broadcast_object_list(box, src=0)
-    status, value = box[0]
+            outcome = ("error", f"{type(e).__name__}: {e}")
+    status, value = collectives.broadcast_object(outcome, src=0)
     if status == "error":
         raise RuntimeError(f"scoring on rank 0 failed: {value}")
     return value

@@ -30,6 +30,8 @@ import torch
 
 from .base import DataSpec, eval_mode
 from .causal_lm import CausalLMTask, answer_loss_sum, end_id, pad_id
+from methods import collectives
+
 from .distributed import on_rank_zero, sharded_map
 
 
@@ -157,5 +159,4 @@ def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
 def zero3_sharded(model: torch.nn.Module) -> bool:
     """True under ZeRO-3 with several ranks: each generation step is then a collective."""
     stage = getattr(model, "zero_optimization_stage", None)
-    return bool(stage and stage() == 3 and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1)
+    return bool(stage and stage() == 3 and collectives.world_size() > 1)

@@ -163,10 +163,14 @@ def reports_for(name: str, trial_id: str, config: dict, adapter: str, storage: s
              "training_iteration": i + 1, "trial_id": trial_id, "date": "2026-01-01_00-00-00",
              "time_this_iter_s": 10 * per_step, "time_total_s": elapsed, "pid": 1, "hostname": "h",
              "node_ip": "127.0.0.1", "config": config, "time_since_restore": elapsed, "iterations_since_restore": i + 1}
+        # The worker's clock parts: 5 s of setup, the rest training (3/4) and evaluation (1/4).
+        r.update(setup_s=5.0, method_init_s=0.0, train_s=(elapsed - 5) * 0.75, eval_s=(elapsed - 5) * 0.25,
+                 checkpoint_s=0.0, concurrent_trials=0)
         if ttq is not None:
-            r["time_to_quality_s"] = ttq
+            r.update(time_to_quality_s=ttq, train_time_to_quality_s=ttq - 5)
         if name.startswith("hybrid"):
-            r["gates"] = {k: round(0.5 + (j - 1.5) * 0.05 * (i + 1), 4) for j, k in enumerate(LAYERS)}
+            r["layers"] = {k: {"gate": round(0.5 + (j - 1.5) * 0.05 * (i + 1), 4), "grad_norm_boft": 0.1 * (j + 1)}
+                           for j, k in enumerate(LAYERS)}
         out.append(r)
     return out
 
@@ -207,6 +211,7 @@ def run_fake_sweep(spec, uri: str, storage: str, adapter: str, prefix: str = "ab
                              "status": "ERROR" if error else "TERMINATED", "stop_reason": stop,
                              "error": error.splitlines()[1] if error else None, "step": last["step"],
                              "metric": last["accuracy"], "time_to_quality_s": last.get("time_to_quality_s"),
+                             "train_time_to_quality_s": last.get("train_time_to_quality_s"),
                              "peak_memory_mb": last["peak_memory_mb"], "trainable_params": last["trainable_params"],
                              "elapsed_s": last["elapsed_s"]})
         expected[name] = {"trial_id": trial_id, "reports": reports, "stop_reason": stop, "error": error}
@@ -330,8 +335,8 @@ def test_child_runs_params_metrics_tags_artifacts(logged_sweep):
     assert "worker OOM-killed" in kv(failed, "tags")["error"] and "error.txt" in artifacts(url, failed["info"]["run_id"])
     hybrid = runs["hybrid-m2-tau0.5-seed0"]
     assert kv(hybrid, "params")["gate_tau"] == "0.5" and kv(hybrid, "params")["butterfly_depth"] == "2"
-    assert {"gates.json", "gates.csv"} <= set(artifacts(url, hybrid["info"]["run_id"]))
-    assert len(history(url, hybrid["info"]["run_id"], "gate_mean")) == 2
+    assert {"layers.json", "layers.csv"} <= set(artifacts(url, hybrid["info"]["run_id"]))
+    assert len(history(url, hybrid["info"]["run_id"], "layer_mean/gate")) == 2
 
 
 def test_tracker_never_raises_or_blocks_when_mlflow_is_down(logged_sweep, monkeypatch, tmp_path):

@@ -1,0 +1,86 @@
+"""Work done once per node before any trial starts its clock, so that trial 1 and trial 20 pay
+the same setup.
+
+    prepare_nodes(trial_configs)   on every alive node, in parallel, before `fit()`:
+        - DeepSpeed's JIT ops the trials load: the CPU shared-memory comm op (every CPU trial's
+          `deepspeed.initialize`) and CPU Adam (optimizer or parameter offload). A first build
+          takes about a minute; the result is cached in $TORCH_EXTENSIONS_DIR, which the workers
+          on that node read.
+        - the Hugging Face snapshots of hub models (`model.name_or_path` that is no local folder),
+          into the node's cache.
+
+Each step that fails is reported and left to the trial, which then fails with the real error in
+its own log (a missing op or an offline hub must not be hidden by a preparation step).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from orchestrator.config import TrialConfig
+
+
+def _ops_for(cfgs: Iterable[TrialConfig]) -> list[str]:
+    ops = ["ShareMemCommBuilder"]
+    if any(c.deepspeed.offload_optimizer or c.deepspeed.offload_param for c in cfgs):
+        ops.append("CPUAdamBuilder")
+    return ops
+
+
+def _hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
+    names = {c.model.name_or_path for c in cfgs if c.model.name_or_path}
+    return sorted(n for n in names if not os.path.isdir(os.path.expanduser(n)))
+
+
+def prepare_node(ops: list[str], models: list[str]) -> dict[str, Any]:
+    """Build the ops and fetch the models on this node; returns what took how long, and failures."""
+    out: dict[str, Any] = {"node": os.uname().nodename, "seconds": {}, "failed": {}}
+    for op in ops:
+        started = time.time()
+        try:
+            from deepspeed.accelerator import get_accelerator
+
+            builder = get_accelerator().create_op_builder(op)
+            if builder is not None and builder.is_compatible():
+                builder.load(verbose=False)
+            out["seconds"][op] = time.time() - started
+        except Exception as e:  # noqa: BLE001 - reported; the trial fails with the real error
+            out["failed"][op] = f"{type(e).__name__}: {e}"
+    for name in models:
+        started = time.time()
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(name)
+            out["seconds"][name] = time.time() - started
+        except Exception as e:  # noqa: BLE001
+            out["failed"][name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def prepare_nodes(cfgs: Iterable[TrialConfig], quiet: bool = False) -> list[dict[str, Any]]:
+    """`prepare_node` on every alive node of the connected Ray cluster (Ray must be initialised)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cfgs = list(cfgs)
+    ops, models = _ops_for(cfgs), _hub_models(cfgs)
+    # No resources held (the step must run while trials of another sweep hold every CPU), and the
+    # node's GPUs left visible, so that DeepSpeed picks the accelerator the workers will use.
+    task = ray.remote(num_cpus=0)(prepare_node)
+    env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    started = time.time()
+    results = ray.get([task.options(runtime_env=env, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                       .remote(ops, models) for n in nodes])
+    if not quiet:
+        failed = {f"{r['node']}:{k}": v for r in results for k, v in r["failed"].items()}
+        print(f"prepared {len(nodes)} node(s) in {time.time() - started:.0f} s (DeepSpeed ops {', '.join(ops)}"
+              f"{'; models ' + ', '.join(models) if models else ''})", file=sys.stderr, flush=True)
+        for what, why in failed.items():
+            print(f"warning: preparing {what} failed ({why}); the trials will try again", file=sys.stderr)
+    return results
