@@ -64,16 +64,18 @@ def timed_eval(task, tokenizer, model, batches, split: bool = True) -> float:
 def _rank(rank: int, world: int, port: int, args, split: bool, out: str):
     import torch.distributed as dist
 
+    from methods import collectives
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     torch.set_num_threads(max(1, args.threads // world))
     task, tokenizer, model, batches = build(args)
-    dist.barrier()
-    seconds = torch.tensor([timed_eval(task, tokenizer, model, batches, split)])
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the evaluation ends when the slowest rank does
+    collectives.barrier()
+    # The evaluation ends when the slowest rank does.
+    (seconds,) = collectives.all_reduce_values([timed_eval(task, tokenizer, model, batches, split)], op="max")
     if rank == 0:
         with open(out, "w") as f:
-            f.write(str(seconds.item()))
+            f.write(str(seconds))
     dist.destroy_process_group()
 
 

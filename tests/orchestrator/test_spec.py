@@ -113,8 +113,11 @@ def test_cli_validate_exits_nonzero_before_ray(tmp_path, capsys):
 
 
 def test_concurrency_follows_resources(tmp_path):
+    # CPU workers are pinned to whole cores: 0.49 CPU is a core, so 2 workers fill 2 cores.
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 2, "cpus_per_worker": 0.49}}))
-    assert max_concurrent(spec, {"CPU": 2.0}) == 2
+    assert max_concurrent(spec, {"CPU": 2.0}) == 1
+    spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 1, "cpus_per_worker": 0.49}}))
+    assert max_concurrent(spec, {"CPU": 2.0}) == 1 and max_concurrent(spec, {"CPU": 2.1}) == 2
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 2, "cpus_per_worker": 1}}))
     assert max_concurrent(spec, {"CPU": 2.0}) == 1
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 8, "cpus_per_worker": 4, "gpus_per_worker": 1}}))

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from methods.config import ConfigError
+from orchestrator import report
 from orchestrator.config import TrialConfig, validate_trial
 from orchestrator.trial import read_reports, run_trial
 
@@ -41,16 +42,27 @@ def check_consistent(reports: list[dict], target: float) -> None:
     assert all(b > a for a, b in zip(samples, samples[1:]))
     for r in reports:
         for key in ("train_loss", "eval_loss", "accuracy", "samples_per_s", "tokens_per_s", "peak_memory_mb",
-                    "trainable_params", "total_params"):
+                    "trainable_params", "total_params", *report.CLOCK_PARTS, *report.MEMORY_PARTS, "rss_peak_mb"):
             assert key in r, key
+        assert report.unknown_fields({k: v for k, v in r.items() if k != "checkpoint"}, ("accuracy", "macro_f1")) == []
         assert 0 < r["trainable_params"] < r["total_params"]
-        assert r["peak_memory_mb"] > 100
+        # The clock parts are disjoint pieces of the wall clock; the memory parts add up to the total.
+        assert sum(r[k] for k in report.CLOCK_PARTS) <= r["elapsed_s"] + 1e-6
+        assert r["setup_s"] > 0 and r["train_s"] > 0 and r["eval_s"] > 0
+        assert sum(r[k] for k in report.MEMORY_PARTS) == pytest.approx(r["peak_memory_mb"])
+        assert r["memory_weights_mb"] > 80  # MiniLM's 22.7M fp32 parameters: 87 MB
+        assert r["rss_peak_mb"] > r["peak_memory_mb"]  # the process is much more than its tensors
+        assert r["concurrent_trials"] == 0 and r["cpu_threads"] == 1  # alone, on its own core
     first = next((i for i, r in enumerate(reports) if r["eval_loss"] <= target), None)
     for i, r in enumerate(reports):
         if first is None or i < first:
             assert "time_to_quality_s" not in r or r["time_to_quality_s"] is None
         else:
             assert r["time_to_quality_s"] == pytest.approx(reports[first]["elapsed_s"])
+            train_clock = sum(reports[first][k] for k in ("method_init_s", "train_s", "eval_s"))
+            assert r["train_time_to_quality_s"] == pytest.approx(train_clock)
+            assert r["train_time_to_quality_s"] < r["time_to_quality_s"]  # setup is not the method's cost
+            assert r["samples_to_quality"] == reports[first]["samples_seen"]
 
 
 def test_two_worker_deepspeed_trial_reports_time_to_quality(ray_session, tmp_path):
@@ -127,11 +139,42 @@ def test_hybrid_gates_reported_and_identical_across_ranks_under_zero2(ray_sessio
     run_trial(cfg, str(tmp_path), "hybrid")
     reports = read_reports(str(tmp_path), "hybrid")
     assert [r["step"] for r in reports] == [3, 6]
-    gates = reports[-1]["gates"]
+    gates = {name: d["gate"] for name, d in reports[-1]["layers"].items()}
     assert len(gates) == 12  # query and value in 6 MiniLM layers
     assert all(0.05 <= v <= 0.95 for v in gates.values())
-    assert reports[0]["gates"] != gates, "the gate should move between reports"
+    assert {name: d["gate"] for name, d in reports[0]["layers"].items()} != gates, "the gate should move between reports"
     assert all(r["gate_rank_spread"] == 0.0 for r in reports)
+    assert reports[0]["method_init_s"] > 0  # LoRA-GA's gradient pass is the method's cost
+
+
+def test_counted_memory_tells_full_fine_tuning_from_lora(ray_session, tmp_path):
+    """Weights + gradients + AdamW's two moments make full fine-tuning ~4x its weights, LoRA ~1x:
+    the counted memory must show it (a worker's RSS barely does)."""
+    counted = {}
+    for method, config in (("full", {}), ("lora", {"r": 8})):
+        cfg = trial_config(method={"name": method, "config": config}, deepspeed={"zero_stage": 0},
+                           train={"max_steps": 2, "eval_every": 2, "checkpoint_every": 0},
+                           resources={"num_workers": 1, "cpus_per_worker": 0.9})
+        assert run_trial(cfg, str(tmp_path), method).error is None
+        (r,) = read_reports(str(tmp_path), method)
+        assert sum(r[k] for k in report.MEMORY_PARTS) == pytest.approx(r["peak_memory_mb"])
+        counted[method] = r
+    full, lora = counted["full"], counted["lora"]
+    assert full["peak_memory_mb"] >= 2.5 * lora["peak_memory_mb"]
+    assert full["memory_gradients_mb"] == pytest.approx(full["memory_weights_mb"], rel=0.01)  # ZeRO-0: whole
+    assert full["memory_optimizer_mb"] == pytest.approx(2 * full["memory_weights_mb"], rel=0.01)  # exp_avg, exp_avg_sq
+    assert lora["memory_optimizer_mb"] < 0.02 * full["memory_optimizer_mb"]
+    assert full["memory_activations_mb"] > 0 and lora["memory_activations_mb"] > 0
+
+
+def test_optimizer_offload_trains_with_deepspeeds_cpu_adam(ray_session, tmp_path):
+    cfg = trial_config(deepspeed={"zero_stage": 2, "offload_optimizer": True},
+                       train={"max_steps": 6, "eval_every": 3, "checkpoint_every": 0})
+    result = run_trial(cfg, str(tmp_path), "offload")
+    assert result.error is None
+    reports = read_reports(str(tmp_path), "offload")
+    assert reports[-1]["eval_loss"] < reports[0]["eval_loss"] and reports[-1]["train_loss"] < 1.6
+    assert reports[-1]["memory_optimizer_mb"] > 0  # DeepSpeed's CPU Adam state, partitioned over 2 ranks
 
 
 def test_divergence_ends_the_trial_with_a_reason(ray_session, tmp_path):
