@@ -6,7 +6,7 @@
     python benchmarks/step_time.py --write --wait-quiet 120   # also replace this run's section in BENCHMARKS.md
     python benchmarks/step_time.py --profile "boft b4 m1 qv"   # torch.profiler table of one step
 
-One step = forward + backward + AdamW step (+ `methods.after_backward`), fp32, CPU. Each variant gets
+One step = forward + backward + AdamW step (+ `methods.after_backward`), fp32, on `--device` (CPU by default). Each variant gets
 its own deep copy of one seeded random model and sees the same input batch. The machine is small and
 shared, so the variants' steps are interleaved round-robin (the order rotates every round, so no
 variant always follows the same neighbour), warm-up rounds are dropped, and we report medians and
@@ -84,18 +84,32 @@ def llama_config(width: int, layers: int):
     )
 
 
+DEVICE = torch.device("cpu")  # --device; on CUDA every timed region ends with a synchronize
+
+
+def hardware() -> str:
+    if DEVICE.type == "cuda":
+        return f"fp32, GPU {torch.cuda.get_device_name(DEVICE)}"
+    return f"{torch.get_num_threads()} torch threads, fp32, CPU ({os.cpu_count()} cores, shared with other work)"
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)  # kernels are asynchronous: time them, not their launch
+
+
 def build_base(width: int, layers: int, seed: int) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(width, layers))
+    model = LlamaForCausalLM(llama_config(width, layers)).to(DEVICE)
     model.train()  # Llama has no dropout by default: train mode only matters for adapters' own
     return model
 
 
 def make_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, 49152, (batch, seq), generator=g)
+    ids = torch.randint(0, 49152, (batch, seq), generator=g).to(DEVICE)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -217,6 +231,7 @@ class Runner:
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        sync()
         if probe is not None and self.opt is not None:
             probe["optim"] = sum(t.nbytes for s in self.opt.state.values() for t in s.values()
                                  if torch.is_tensor(t) and t.dim() > 0)
@@ -523,7 +538,7 @@ LAYER_VARIANTS += [(f"{name} (default cfg)", _our_layer(name)) for name in ("uni
 def layer_bench(width: int, batch: int, seq: int, reps: int, retries: int, seed: int) -> dict[str, tuple[float, float]]:
     """(median ms, min ms) of forward + backward of each LAYER_VARIANTS layer on (batch, seq, width)."""
     torch.manual_seed(seed)
-    lin = nn.Linear(width, width, bias=False)
+    lin = nn.Linear(width, width, bias=False, device=DEVICE)
     layers = []
     for name, build in LAYER_VARIANTS:
         layer = build(copy.deepcopy(lin)).train()
@@ -532,8 +547,8 @@ def layer_bench(width: int, batch: int, seq: int, reps: int, retries: int, seed:
                 if p.requires_grad and p.dim() > 1:
                     p.add_(0.01 * torch.randn_like(p))
         layers.append((name, layer))
-    x0 = torch.randn(batch, seq, width)
-    gout = torch.randn(batch, seq, width)
+    x0 = torch.randn(batch, seq, width, device=DEVICE)
+    gout = torch.randn(batch, seq, width, device=DEVICE)
     times: dict[str, list[float]] = {name: [] for name, _ in layers}
     for rnd in range(reps + 3):
         for attempt in range(retries + 1):  # a round is ~0.1 s: rerun it whole if disturbed
@@ -541,8 +556,10 @@ def layer_bench(width: int, batch: int, seq: int, reps: int, retries: int, seed:
             with Disturbance() as d:
                 for name, layer in layers[rnd % len(layers):] + layers[:rnd % len(layers)]:
                     x = x0.clone().requires_grad_()  # a middle layer: its input needs a gradient too
+                    sync()
                     t = time.perf_counter()
                     layer(x).backward(gout)
+                    sync()
                     round_times[name] = 1e3 * (time.perf_counter() - t)
                     for p in layer.parameters():
                         p.grad = None
@@ -637,6 +654,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Variants: " + "; ".join(v.name for v in VARIANTS))
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu; CUDA steps end with a synchronize)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (SmolLM2-135M has 30; default 4)")
     p.add_argument("--width", type=int, default=576, help="hidden size; heads, kv heads and MLP scale with it (default 576)")
     p.add_argument("--widths", default="", help="comma list, e.g. 576,1152: also measure the width-sweep variants at each")
@@ -677,7 +695,11 @@ def profile(args) -> None:
 
 
 def main(argv=None) -> None:
+    global DEVICE
     args = parse_args(argv)
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible")
     torch.set_num_threads(args.threads)
     if args._rss_child:
         return rss_child_main(args)
@@ -745,7 +767,7 @@ def report(args, cmd: str, res: dict[str, Result], per_width: dict, layer_res: d
         f"1-min load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 = both cores busy)",
         f"- torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"peft {__import__('peft').__version__}, Python {platform.python_version()}, "
-        f"{torch.get_num_threads()} torch threads, fp32, CPU ({os.cpu_count()} cores, shared with other work)",
+        f"{hardware()}",
         f"- model: random LlamaForCausalLM, SmolLM2-135M's shape scaled: hidden {cfg.hidden_size}, "
         f"intermediate {cfg.intermediate_size}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, "
         f"vocab {cfg.vocab_size}, tied embeddings, {cfg.num_hidden_layers} layers (SmolLM2 has 30), sdpa attention",

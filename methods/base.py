@@ -54,7 +54,8 @@ class BaseLinear:
         self.layer = layer
         self.transposed = is_conv1d(layer)
         w = layer.weight
-        self.d_out, self.d_in = (w.shape[1], w.shape[0]) if self.transposed else tuple(w.shape)
+        shape = getattr(w, "ds_shape", w.shape)  # ZeRO-3 partitioned at load: the full shape
+        self.d_out, self.d_in = (shape[1], shape[0]) if self.transposed else tuple(shape)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -60,6 +60,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._zero import assign
 from .boft import BoftConfig, BoftLinear
 from .config import ConfigError, MethodConfig, check, check_choice, from_dict
 from .lora_ga import LoraGaConfig, gradient_init
@@ -180,8 +181,10 @@ class HybridLinear(BoftLinear):
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor) -> None:
         A, B = gradient_init(grad, self.hybrid_cfg.lora_ga, self.layer_name)
-        for dst, src in ((self.lora_A0, A), (self.lora_B0, B), (self.lora_A, A), (self.lora_B, B)):
-            dst.copy_(src.to(dst.dtype))
+        self.lora_A0.copy_(A.to(self.lora_A0.dtype))
+        self.lora_B0.copy_(B.to(self.lora_B0.dtype))
+        assign(self.lora_A, self.lora_A0)  # under ZeRO-3 also the optimizer's master copy
+        assign(self.lora_B, self.lora_B0)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.hybrid_gate.to(x.dtype)

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from . import collectives
-from ._zero import gathered
-from .base import BaseLinear
+from ._zero import assign, gathered
 from .config import MethodConfig, check, check_choice
 from .lora import LoraConfig, LoraLinear
 
@@ -95,19 +94,34 @@ def estimate_gradients(
 ) -> dict[str, torch.Tensor]:
     """Mean gradient dL/dW0 (d_out, d_in, fp32) of every target layer over `num_batches` batches.
 
-    Only the target weights get gradients (the rest stays frozen, so backward is cheap). Across
-    data-parallel ranks the result is the mean over all ranks' batches.
+    For a linear layer y = W0 x, dL/dW0 = sum over tokens of (dL/dy) x^T: hooks take x from the
+    layer's forward and dL/dy from its output's gradient and accumulate that product in fp32. No
+    weight ever gets a gradient, so the estimate costs no weight-gradient memory and works where
+    the weights are partitioned (DeepSpeed ZeRO-3 gathers them for the forward and the backward,
+    `targets` may then be the already wrapped adapter layers, whose output equals the base
+    layer's at initialisation). Across data-parallel ranks the result is the mean over all ranks'
+    batches.
     """
     was_training = model.training
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    views = {name: BaseLinear(m) for name, m in targets}
-    for v in views.values():
-        v.layer.weight.requires_grad_(True)
-        v.layer.weight.grad = None
-    sums = {name: torch.zeros(v.d_out, v.d_in, dtype=torch.float32, device=v.layer.weight.device)
-            for name, v in views.items()}
+    sums: dict[str, torch.Tensor] = {}
+    handles = [_graph_root(model, targets)]
+
+    def capture(name: str):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = args[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                G = g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+                sums[name] = sums[name] + G if name in sums else G
+            output.register_hook(on_grad)
+        return hook
+
+    handles += [m.register_forward_hook(capture(name)) for name, m in targets]
     seen = 0
     model.train()
     try:
@@ -116,21 +130,50 @@ def estimate_gradients(
                 break
             with torch.enable_grad():
                 loss_fn(model, batch).backward()
-            for name, v in views.items():
-                g = v.layer.weight.grad
-                sums[name] += (g.t() if v.transposed else g).float()  # accumulate in fp32, not bf16
-                v.layer.weight.grad = None
             seen += 1
     finally:
+        for h in handles:
+            h.remove()
         for p, flag in saved.items():
             p.requires_grad_(flag)
+            p.grad = None
         model.train(was_training)
     if seen == 0:
         raise ValueError("lora_ga: the batch iterator yielded no batch for the gradient estimate")
-    for g in sums.values():  # sum over data-parallel ranks, then divide by the total batch count
-        collectives.all_reduce(g)
+    missing = [name for name, _ in targets if name not in sums]
+    if missing:
+        raise ValueError(f"lora_ga: no gradient reached {missing[:3]} (is the layer on the loss's path?)")
+    for name in sorted(sums):  # sum over data-parallel ranks (same order everywhere), then divide
+        collectives.all_reduce(sums[name])
     (total,) = collectives.all_reduce_values([float(seen)])
-    return {name: g / total for name, g in sums.items()}
+    return {name: sums[name] / total for name, _ in targets}
+
+
+def _graph_root(model: nn.Module, targets: Sequence[tuple[str, nn.Module]]):
+    """With every parameter frozen, autograd records nothing: make the input embeddings' output
+    require grad (Hugging Face's `enable_input_require_grads` trick), so that the backward reaches
+    every target. A model without input embeddings gets its targets' inputs marked instead."""
+    def mark(module, args, output):
+        return output.requires_grad_(True)
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Module):
+        return embeddings.register_forward_hook(mark)
+
+    def mark_input(module, args):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad and args[0].is_floating_point():
+            return (args[0].detach().requires_grad_(True), *args[1:])
+        return None
+
+    class Handles:
+        def __init__(self):
+            self.items = [m.register_forward_pre_hook(mark_input) for _, m in targets]
+
+        def remove(self):
+            for h in self.items:
+                h.remove()
+
+    return Handles()
 
 
 def gradient_init(grad: torch.Tensor, cfg: LoraGaConfig, layer_name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +228,8 @@ class LoraGaLinear(LoraLinear):
         dtype = self.lora_A.dtype
         self.lora_A0.copy_(A0.to(dtype))
         self.lora_B0.copy_(B0.to(dtype))
-        self.lora_A.copy_(self.lora_A0)
-        self.lora_B.copy_(self.lora_B0)
+        assign(self.lora_A, self.lora_A0)  # under ZeRO-3 also the optimizer's master copy
+        assign(self.lora_B, self.lora_B0)
         # Offset computed from the dtype-cast A0, B0 so it cancels what the forward adds.
         offset = self.scaling * (self.lora_B0.float() @ self.lora_A0.float())
         with gathered(self.base.layer.weight, modify=True):

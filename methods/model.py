@@ -93,6 +93,7 @@ def apply_method(
     batches: Iterable[Any] | None = None,
     loss_fn: LossFn = hf_loss,
     modules_to_save: Sequence[str] = (),
+    defer_init: bool = False,
 ) -> nn.Module:
     """Adapt `model` in place: wrap the target layers, freeze everything else. Returns the model.
 
@@ -100,11 +101,13 @@ def apply_method(
     hybrid); `loss_fn(model, batch)` turns a batch into a loss (default: Hugging Face `.loss`).
     `modules_to_save` are trained in full and saved with the adapter (PEFT's name), e.g. a freshly
     initialised classification head ("classifier" in BERT, "score" in Llama).
+    `defer_init`: wrap only, and leave the gradient initialisation to `init_from_gradients`, to be
+    called later on the wrapped model (e.g. once DeepSpeed ZeRO-3 has partitioned it).
     """
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError(f"model already carries a {model.adapter_config.method!r} adapter")
     estimate = None
-    if get_method(cfg.method).needs_gradients:
+    if get_method(cfg.method).needs_gradients and not defer_init:
         if batches is None:
             raise ValueError(f"{cfg.method}: initialises from the gradient; pass batches= (an iterator of batches)")
 
@@ -112,6 +115,21 @@ def apply_method(
             return estimate_gradients(model, targets, batches, cfg.gradient_batches, loss_fn)
 
     return _attach(model, cfg, estimate, modules_to_save)
+
+
+def init_from_gradients(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = hf_loss) -> nn.Module:
+    """The gradient initialisation of a model wrapped with `apply_method(..., defer_init=True)`:
+    the estimate runs through the wrapped layers (whose output equals the base layers' at this
+    point), so it works on a model whose weights DeepSpeed ZeRO-3 has partitioned; every rank must
+    call it (the estimate and the writes are collectives there)."""
+    cfg = model.adapter_config
+    layers = [(name, layer) for name, layer in adapter_layers(model) if getattr(layer, "needs_gradients", False)]
+    if not layers:
+        return model
+    grads = estimate_gradients(model, layers, batches, cfg.gradient_batches, loss_fn)
+    for name, layer in layers:
+        layer.init_from_gradient(grads.pop(name))
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -126,9 +144,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors counted once."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts; shared (tied) tensors counted once; ZeRO-3 partitioned
+    tensors by their full size."""
+    def numel(p):
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 

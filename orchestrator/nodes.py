@@ -9,8 +9,10 @@ the same setup.
         - the Hugging Face snapshots of hub models (`model.name_or_path` that is no local folder),
           into the node's cache.
 
-Each step that fails is reported and left to the trial, which then fails with the real error in
-its own log (a missing op or an offline hub must not be hidden by a preparation step).
+A build lock left behind by a process killed mid-build (torch's JIT loader takes a lock file per
+op, and every later load waits on it forever) is removed with a warning when it is older than any
+build takes (`STALE_LOCK_S`). Each step that fails is reported and left to the trial, which then
+fails with the real error in its own log (a missing op or an offline hub must not be hidden here).
 """
 
 from __future__ import annotations
@@ -36,15 +38,38 @@ def _hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
     return sorted(n for n in names if not os.path.isdir(os.path.expanduser(n)))
 
 
-def prepare_node(ops: list[str], models: list[str]) -> dict[str, Any]:
+STALE_LOCK_S = 15 * 60  # a CPU op builds in ~1-2 min; a lock this old has no live builder
+
+
+def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> str | None:
+    """Remove the JIT build lock of extension `name` if it is older than `max_age_s`; returns its
+    path when it did."""
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's loader puts the lock
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return None
+    if age < max_age_s:
+        return None
+    print(f"warning: removing {lock}, a build lock {age / 60:.0f} min old left by a process that died "
+          "mid-build (every later load would wait on it forever)", file=sys.stderr, flush=True)
+    os.remove(lock)
+    return lock
+
+
+def prepare_node(ops: list[str], models: list[str], max_lock_age_s: float = STALE_LOCK_S) -> dict[str, Any]:
     """Build the ops and fetch the models on this node; returns what took how long, and failures."""
-    out: dict[str, Any] = {"node": os.uname().nodename, "seconds": {}, "failed": {}}
+    out: dict[str, Any] = {"node": os.uname().nodename, "seconds": {}, "failed": {}, "stale_locks": []}
     for op in ops:
         started = time.time()
         try:
             from deepspeed.accelerator import get_accelerator
 
             builder = get_accelerator().create_op_builder(op)
+            if builder is not None and (lock := clear_stale_lock(builder.name, max_lock_age_s)):
+                out["stale_locks"].append(lock)
             if builder is not None and builder.is_compatible():
                 builder.load(verbose=False)
             out["seconds"][op] = time.time() - started

@@ -76,17 +76,19 @@ def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None
 
 
 def max_concurrent(spec: SweepSpec, cluster: dict[str, float]) -> int:
-    """Trials whose worker groups fit at once in the cluster's CPUs and GPUs (at least 1)."""
+    """Trials whose worker groups fit at once in the cluster's CPUs and GPUs (at least 1).
+
+    Two limits on CPU: Ray's logical CPUs (the workers' `cpus_per_worker` plus each trial driver's
+    token CPU), and whole cores, because CPU workers are pinned to cores of their own
+    (orchestrator.cores: 0.49 CPU is one core), so that concurrent trials never time each other."""
     from orchestrator.cores import cores_wanted
 
     r = spec.resources
-    # CPU trials pin whole cores (orchestrator.cores): 0.49 CPU per worker is a core of its own,
-    # so that concurrent trials never time each other.
-    cpus = r.cpus_per_worker if r.gpus_per_worker else cores_wanted(r.cpus_per_worker)
-    per_trial_cpu = r.num_workers * cpus + DRIVER_RESOURCES["CPU"]
-    fits = [math.floor(cluster.get("CPU", 0) / per_trial_cpu + 1e-9)]
+    fits = [math.floor(cluster.get("CPU", 0) / (r.num_workers * r.cpus_per_worker + DRIVER_RESOURCES["CPU"]) + 1e-9)]
     if r.gpus_per_worker:
         fits.append(math.floor(cluster.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
+    else:
+        fits.append(math.floor(cluster.get("CPU", 0) / (r.num_workers * cores_wanted(r.cpus_per_worker)) + 1e-9))
     n = max(1, min(fits))
     return min(n, spec.tune.max_concurrent_trials) if spec.tune.max_concurrent_trials else n
 

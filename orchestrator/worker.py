@@ -36,6 +36,7 @@ from orchestrator.config import Target, TrialConfig
 from orchestrator.deepspeed_config import build_deepspeed_config, generated_optimizer, resolve_precision
 from orchestrator.tasks import get_task
 
+_zero3_loading = None  # see load_model
 ADAPTER_DIR = "adapter"  # inside the final checkpoint: methods.save_adapter's format
 STATE_FILE = "trial_state.pt"
 
@@ -55,11 +56,19 @@ def lr_factor(step: int, cfg: TrialConfig) -> float:
 
 
 def load_model(cfg: TrialConfig, task):
-    """Tokenizer and model by hub name or local folder (null = the bundled MiniLM)."""
+    """Tokenizer and model by hub name or local folder (null = the bundled MiniLM). Under ZeRO-3
+    the weights are partitioned as they load (transformers' `HfDeepSpeedConfig` turns on
+    `deepspeed.zero.Init`), so a model that only fits sharded never exists whole on one worker."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from orchestrator.tasks import default_model_path
 
+    if cfg.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers keeps a weak reference: this one lives as long as the trial (module level).
+        global _zero3_loading
+        _zero3_loading = HfDeepSpeedConfig(build_deepspeed_config(cfg))
     path = cfg.model.name_or_path or str(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked anyway
@@ -219,7 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         task = get_task(cfg.data.name)
         torch.manual_seed(cfg.train.seed)
         tokenizer, model = load_model(cfg, task)
-        model.to(device)  # before the method: LoRA-GA estimates on the device, in the trial's peak
+        if cfg.deepspeed.zero_stage < 3:  # ZeRO-3 loads each partition onto the device itself
+            model.to(device)  # before the method: LoRA-GA estimates on the device, in the trial's peak
         train_examples, eval_examples = task.load(cfg.data)
         random.Random(cfg.train.seed).shuffle(train_examples)
 
@@ -236,11 +246,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with clock("setup_s"), checkpoint.as_directory() as d:
             model = methods.load_adapter(model, os.path.join(d, ADAPTER_DIR))
-    else:
+    # Under ZeRO-3 the gradient initialisation runs on the partitioned model, through the engine
+    # (gathered layer by layer as the forward and backward go), so a model that only fits sharded
+    # can be initialised; below ZeRO-3 it runs before the engine, on the whole model.
+    grad_batches = (b for _, b in shard_batches(train_examples, collate, micro, cfg.train.seed + 1, rank, world))
+    loss_fn = estimate_loss(device, resolve_precision(cfg.deepspeed.precision))
+    deferred = checkpoint is None and cfg.deepspeed.zero_stage == 3 and methods.get_method(method_cfg.method).needs_gradients
+    if checkpoint is None:
         with clock("method_init_s"):
-            grad_batches = (b for _, b in shard_batches(train_examples, collate, micro, cfg.train.seed + 1, rank, world))
             methods.apply_method(model, method_cfg, batches=grad_batches, modules_to_save=modules_to_save,
-                                 loss_fn=estimate_loss(device, resolve_precision(cfg.deepspeed.precision)))
+                                 loss_fn=loss_fn, defer_init=deferred)
     trainable, total = methods.count_parameters(model)
 
     # ---- DeepSpeed engine (setup: any op it builds is a cost of the machine, not of the method)
@@ -249,6 +264,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 engine.load_checkpoint(d, load_module_strict=False)
+    if deferred:
+        with clock("method_init_s"):
+            methods.init_from_gradients(engine.module, grad_batches, loss_fn)
 
     # ---- the loop
     batches = shard_batches(train_examples, collate, micro, cfg.train.seed, rank, world, state["epoch"])

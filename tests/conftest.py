@@ -40,6 +40,21 @@ def tiny_gpt2():
 
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
+
+@pytest.fixture(autouse=True)
+def _compiler_env_restored():
+    """PEFT's BOFT sets CC=CXX=gcc to JIT-build its CUDA op and, when the build fails (no CUDA),
+    never restores them (its `patch_environment` in peft/tuners/boft/layer.py has no `finally`).
+    Every process started later (Ray, its workers) would inherit CXX=gcc, and DeepSpeed's CPU op,
+    built with `c++` elsewhere, would be rebuilt (about a minute) at every switch."""
+    before = {k: os.environ.get(k) for k in ("CC", "CXX")}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 def run_ranks(worker, args: tuple = (), world: int = 2, deadline_s: float = 300) -> None:
     """worker(rank, world, *args) in `world` processes joined in one gloo group on loopback, with
     deadlines: a rendezvous or a collective that cannot complete fails the test, not the CI run.

@@ -117,7 +117,7 @@ def test_concurrency_follows_resources(tmp_path):
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 2, "cpus_per_worker": 0.49}}))
     assert max_concurrent(spec, {"CPU": 2.0}) == 1
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 1, "cpus_per_worker": 0.49}}))
-    assert max_concurrent(spec, {"CPU": 2.0}) == 1 and max_concurrent(spec, {"CPU": 2.1}) == 2
+    assert max_concurrent(spec, {"CPU": 2.0}) == 2 and max_concurrent(spec, {"CPU": 3.0}) == 3
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 2, "cpus_per_worker": 1}}))
     assert max_concurrent(spec, {"CPU": 2.0}) == 1
     spec = load_sweep(write(tmp_path, {**GOOD, "resources": {"num_workers": 8, "cpus_per_worker": 4, "gpus_per_worker": 1}}))

@@ -29,12 +29,13 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
         "train": {"max_steps": 12, "batch_size": 8, "eval_every": 3, "lr": 2e-3, "checkpoint_every": 0},
         "methods": {
             "lora": {"r": {"grid": [4, 8]}, "train.lr": {"loguniform": [1.0e-3, 3.0e-3]}},
-            # 192 examples over 2 workers is 96 each, fewer than one micro batch of 128: this trial
-            # passes validation (which reads no data) and fails inside its workers
+            # 192 examples, fewer than one micro batch of 256: this trial passes validation (which
+            # reads no data) and fails inside its worker
             "boft": {"block_size": 4, "train.batch_size": {"grid": [8, 256]}},
         },
         "tune": {"num_samples": 1, "seeds": [0], "scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
-        "resources": {"num_workers": 2, "cpus_per_worker": 0.49},
+        # One core per trial (pinned): two trials at a time on 2 cores, so that ASHA compares rungs.
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.49},
         "storage": str(tmp_path / "runs"),
     }
     spec.update(overrides)
