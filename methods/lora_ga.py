@@ -2,8 +2,10 @@
 official code github.com/Outsider565/LoRA-GA). We follow the official code, not PEFT's variant.
 
     1. G = mean over `batches` batches of dL/dW0                        (d_out, d_in), fp32,
-       averaged across data-parallel ranks when torch.distributed is initialised
-    2. U, S, V = svd_lowrank(G, q=min(4r, min(d_out, d_in)), niter=4);  Vt = V^T
+       averaged across data-parallel ranks when torch.distributed is initialised; dropout off
+       (eval mode), so G is the same whatever the RNG's state and the ZeRO stage
+    2. U, S, V = svd_lowrank(G, q=min(4r, min(d_out, d_in)), niter=4);  Vt = V^T, each singular
+       pair's sign fixed (largest entry of u positive), so a G equal up to rounding gives one init
     3. direction "ArB2r":  A = Vt[:r, :]  (r, d_in),   B = U[:, r:2r]  (d_out, r);  S unused
     4. scale "stable":     A, B *= d_out^(1/4) / sqrt(gamma)
     5. W0 <- W0 - (alpha/r) B0 A0, so y = W0' x + (alpha/r) B A x equals W0 x at init.
@@ -99,8 +101,8 @@ def estimate_gradients(
     weight ever gets a gradient, so the estimate costs no weight-gradient memory and works where
     the weights are partitioned (DeepSpeed ZeRO-3 gathers them for the forward and the backward,
     `targets` may then be the already wrapped adapter layers, whose output equals the base
-    layer's at initialisation). Across data-parallel ranks the result is the mean over all ranks'
-    batches.
+    layer's at initialisation). Dropout is off during the estimate (eval mode). Across
+    data-parallel ranks the result is the mean over all ranks' batches.
     """
     was_training = model.training
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -123,7 +125,9 @@ def estimate_gradients(
 
     handles += [m.register_forward_hook(capture(name)) for name, m in targets]
     seen = 0
-    model.train()
+    # Dropout off: the estimate is the gradient of the deterministic model, so it does not depend
+    # on the RNG's state (nor on which layers draw from it), and every ZeRO stage gets the same.
+    model.eval()
     try:
         for batch in batches:
             if seen == num_batches:
@@ -186,6 +190,12 @@ def gradient_init(grad: torch.Tensor, cfg: LoraGaConfig, layer_name: str = "") -
         torch.manual_seed(cfg.svd_seed)  # identical random projection on every rank
         U, _, V = torch.svd_lowrank(grad.float(), q=min(4 * r, d_out, d_in), niter=4)
         perm = torch.randperm(2 * r)[:r]
+    # A singular pair (u, v) is only defined up to a joint sign, and which sign an SVD returns can
+    # flip under a perturbation of the last bit (another reduction order, another ZeRO stage).
+    # Fix it (scikit-learn's svd_flip): each u's largest entry positive. Same G -> same A, B.
+    signs = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    signs[signs == 0] = 1
+    U, V = U * signs, V * signs
     Vt = V.t()  # (q, d_in)
     if cfg.direction == "ArB2r":
         A, B = Vt[:r], U[:, r : 2 * r]

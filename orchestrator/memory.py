@@ -61,15 +61,19 @@ def optimizer_bytes(optimizer: Any, model: torch.nn.Module) -> int:
         return 0
     model_storages = {_storage(p)[0] for p in model.parameters()}
     storages: dict[int, int] = {}
-    for group in inner.param_groups:
-        for p in group["params"]:
-            ptr, size = _storage(p)
-            if ptr not in model_storages:  # ZeRO's fp32 partitions: a copy of the weights
+    # ZeRO-3 empties param_groups between steps (it swaps its fp32 partitions in for each step):
+    # the state's keys are those partitions, so they are read there too.
+    params = [p for group in inner.param_groups for p in group["params"]] + list(inner.state)
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            continue
+        ptr, size = _storage(p)
+        if ptr not in model_storages:  # ZeRO's fp32 partitions: a copy of the weights
+            storages[ptr] = size
+        for v in inner.state.get(p, {}).values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                ptr, size = _storage(v)
                 storages[ptr] = size
-            for v in inner.state.get(p, {}).values():
-                if isinstance(v, torch.Tensor) and v.numel() > 1:
-                    ptr, size = _storage(v)
-                    storages[ptr] = size
     return sum(storages.values())
 
 

@@ -64,7 +64,10 @@ def load_model(cfg: TrialConfig, task):
     from orchestrator.tasks import default_model_path
 
     if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed()  # zero.Init partitions over DeepSpeed's view of Ray's process group
 
         # transformers keeps a weak reference: this one lives as long as the trial (module level).
         global _zero3_loading
