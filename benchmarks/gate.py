@@ -312,7 +312,7 @@ def main() -> None:
         f"### The hybrid's gate: lambda per layer and quality against fixed gates ({args.steps} steps)",
         "",
         f"- command: `{cmd.strip()}`",
-        f"- date: {datetime.date.today()}; one process, {args.threads} torch threads, fp32, CPU "
+        f"- date: {datetime.date.today()}; one process, {args.threads} torch thread{'s' * (args.threads > 1)}, fp32, CPU "
         f"({os.cpu_count()} cores, shared with other work); torch {torch.__version__}",
         f"- hybrid: r 8, block 8, depth 2, lr {args.lr:g} (AdamW, constant), default gate (tau 1, K 10, EMA 0.9, "
         f"bounds [0.05, 0.95], normalized norms); fixed variants pin gate.fixed; seeds {args.seeds}, "

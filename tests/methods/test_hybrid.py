@@ -205,9 +205,11 @@ def test_schedule_descales_by_the_lambda_the_forward_used():
 class TwoBranches(nn.Module):
     """head(tanh(a(x) + b(x))), a and b equal but a's weight `k` times b's. Both see the same input
     and the same output gradient, so their LoRA-GA inits and low-rank gradients are equal, while
-    R's gradient, which passes through W0, is k times larger in a."""
+    R's gradient, which passes through W0, is k times larger in a. `scale` (on both weights) sets
+    the two branches' own gradients about equal per parameter at init (log ratio ~0), so that every
+    tau below has its fixed point well inside the bounds, during training too."""
 
-    def __init__(self, k: float = 1.0, scale: float = 3.0, d: int = 16):
+    def __init__(self, k: float = 1.0, scale: float = 8.0, d: int = 16):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 4)
