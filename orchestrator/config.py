@@ -216,6 +216,9 @@ def validate_trial(cfg: TrialConfig) -> Target:
         if cfg.model.name_or_path.startswith((".", "/", "~")):
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: folder not found")
     check_model_fit(cfg, task)
+    from orchestrator.deepspeed_config import build_deepspeed_config
+
+    build_deepspeed_config(cfg)  # a bad DeepSpeed JSON or offload combination fails here, not in a worker
     return Target(metric, task.mode_of(metric), float(value))
 
 

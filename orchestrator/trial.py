@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from orchestrator.config import Target, TrialConfig, validate_trial
-from orchestrator.deepspeed_config import build_deepspeed_config
 
 REPORTS_FILE = "reports.jsonl"
 COLLECTIVE_TIMEOUT_S = 4 * 3600  # see build_trainer
@@ -81,8 +80,7 @@ def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial")
     """Validate (before anything starts), then run one trial to completion; returns Ray's Result."""
     from orchestrator.nodes import prepare_nodes
 
-    target = validate_trial(cfg)
-    build_deepspeed_config(cfg)  # a bad DeepSpeed JSON fails here, not in a worker
+    target = validate_trial(cfg)  # the DeepSpeed config too: a bad JSON fails here, not in a worker
     prepare_nodes([cfg])  # op builds and downloads before the trial's clock starts
     return build_trainer(cfg, target, storage_path, name).fit()
 

@@ -123,6 +123,7 @@ def test_bad_settings_fail_before_any_worker(tmp_path):
         ({"data": {"name": "squad"}}, "unknown task"),
         ({"data": {"name": "glue/sst2", "data_files": {"train": str(tmp_path / "missing.csv")}}}, "missing.csv"),
         ({"deepspeed": {"zero_stage": 5}}, "deepspeed.zero_stage=5: must be 0, 1, 2 or 3"),
+        ({"deepspeed": {"zero_stage": 2, "offload_param": True}}, "deepspeed.offload_param=True: needs zero_stage: 3"),
         ({"train": {"batch_size": 9}}, r"train.batch_size=9: must be divisible by resources.num_workers"),
         ({"target": {"metric": "f1"}}, "target.metric='f1': task 'bbc_news' reports eval_loss, accuracy, macro_f1"),
     ]

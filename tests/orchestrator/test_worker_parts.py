@@ -28,6 +28,22 @@ def test_deepspeed_config_from_a_few_settings():
     assert build_deepspeed_config(cfg())["bf16"]["enabled"] is False  # auto = fp32 on CPU
 
 
+def test_offload_asks_deepspeed_for_its_cpu_adam_and_bad_combinations_fail(tmp_path):
+    ds = build_deepspeed_config(cfg(train={"lr": 3e-4, "weight_decay": 0.01},
+                                    deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_param": True}))
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    # DeepSpeed rejects a torch optimizer under offload: the trial's AdamW settings go to its own
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.01, "betas": [0.9, 0.999],
+                                                         "eps": 1e-8}}
+    assert "optimizer" not in build_deepspeed_config(cfg())  # no offload: our torch AdamW, no block
+    with pytest.raises(ConfigError, match="offload_param=True: needs zero_stage: 3"):
+        cfg(deepspeed={"zero_stage": 2, "offload_param": True})
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}}))
+    with pytest.raises(ConfigError, match="optimizer type 'Lamb' cannot run with offload"):
+        build_deepspeed_config(cfg(deepspeed={"zero_stage": 2, "offload_optimizer": True, "config_file": str(path)}))
+
+
 def test_user_json_overrides_generated_keys_but_not_batch_sizes(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7},
