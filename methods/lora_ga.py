@@ -109,7 +109,7 @@ def estimate_gradients(
     for p in model.parameters():
         p.requires_grad_(False)
     sums: dict[str, torch.Tensor] = {}
-    handles = [_graph_root(model, targets)]
+    handles = _graph_root(model, targets)
 
     def capture(name: str):
         def hook(module, args, output):
@@ -153,31 +153,23 @@ def estimate_gradients(
     return {name: sums[name] / total for name, _ in targets}
 
 
-def _graph_root(model: nn.Module, targets: Sequence[tuple[str, nn.Module]]):
+def _graph_root(model: nn.Module, targets: Sequence[tuple[str, nn.Module]]) -> list:
     """With every parameter frozen, autograd records nothing: make the input embeddings' output
     require grad (Hugging Face's `enable_input_require_grads` trick), so that the backward reaches
-    every target. A model without input embeddings gets its targets' inputs marked instead."""
+    every target. A model without input embeddings gets its targets' inputs marked instead.
+    Returns the hook handles."""
     def mark(module, args, output):
         return output.requires_grad_(True)
-
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(embeddings, nn.Module):
-        return embeddings.register_forward_hook(mark)
 
     def mark_input(module, args):
         if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad and args[0].is_floating_point():
             return (args[0].detach().requires_grad_(True), *args[1:])
         return None
 
-    class Handles:
-        def __init__(self):
-            self.items = [m.register_forward_pre_hook(mark_input) for _, m in targets]
-
-        def remove(self):
-            for h in self.items:
-                h.remove()
-
-    return Handles()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Module):
+        return [embeddings.register_forward_hook(mark)]
+    return [m.register_forward_pre_hook(mark_input) for _, m in targets]
 
 
 def gradient_init(grad: torch.Tensor, cfg: LoraGaConfig, layer_name: str = "") -> tuple[torch.Tensor, torch.Tensor]:

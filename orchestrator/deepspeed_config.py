@@ -35,15 +35,17 @@ def _user_json(cfg: TrialConfig) -> dict[str, Any]:
         return json.load(f)
 
 
-def generated_optimizer(cfg: TrialConfig) -> bool:
+def generated_optimizer(cfg: TrialConfig, user: dict[str, Any] | None = None) -> bool:
     """True when the `optimizer` block is ours: under offload DeepSpeed must build its own CPU Adam
-    (it rejects a torch optimizer there), so the trial's AdamW settings go into the config."""
+    (it rejects a torch optimizer there), so the trial's AdamW settings go into the config.
+    `user`: the user's JSON when the caller has read it already."""
     ds = cfg.deepspeed
-    return (ds.offload_optimizer or ds.offload_param) and "optimizer" not in _user_json(cfg)
+    return (ds.offload_optimizer or ds.offload_param) and "optimizer" not in (_user_json(cfg) if user is None else user)
 
 
 def build_deepspeed_config(cfg: TrialConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
+    user = _user_json(cfg)
     precision = resolve_precision(ds.precision)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     pin = torch.cuda.is_available()  # pinned host memory only helps (and only exists) with a GPU
@@ -62,12 +64,11 @@ def build_deepspeed_config(cfg: TrialConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our own reports replace DeepSpeed's log lines
         "wall_clock_breakdown": False,
     }
-    if generated_optimizer(cfg):
+    if generated_optimizer(cfg, user):
         # DeepSpeed's CPU Adam in AdamW mode, with torch.optim.AdamW's defaults for the rest.
         config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                                                            "betas": [0.9, 0.999], "eps": 1e-8}}
     if ds.config_file:
-        user = _user_json(cfg)
         config = _merge(config, user)
         kind = str(user.get("optimizer", {}).get("type", "adamw")).lower()
         forced = config.get("zero_force_ds_cpu_optimizer", True) is False
