@@ -21,6 +21,7 @@ from .model import (
     layer_diagnostics,
     load_adapter,
     merge_adapter,
+    merge_and_unload,
     read_adapter_config,
     save_adapter,
     trainable_parameters,
@@ -33,7 +34,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES", "METHODS", "AdapterLayer", "BoftConfig", "BoftLinear", "ConfigError",
     "FullConfig", "GateConfig", "HybridConfig", "HybridLinear", "gate_history", "gate_records", "gate_values", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
     "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "check_method", "config_for",
-    "count_parameters", "init_from_gradients", "estimate_gradients", "layer_diagnostics", "get_method", "hf_loss", "load_adapter", "merge_adapter",
+    "count_parameters", "init_from_gradients", "estimate_gradients", "layer_diagnostics", "get_method", "hf_loss", "load_adapter", "merge_adapter", "merge_and_unload",
     "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",
     "UnitaryConfig", "UnitaryLinear",
 ]

@@ -161,6 +161,20 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """PEFT's `merge_and_unload`: fold every adapter into its base weight and put the base layers
+    back, so the model is the plain base architecture again (its state dict has the base model's
+    keys; `save_pretrained` writes an ordinary checkpoint). Full fine-tuning is already plain."""
+    for name, layer in list(adapter_layers(model)):
+        layer.merge()
+        replace_module(model, name, layer.base_layer)
+    for attr in ("adapter_config", "modules_to_save"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.unmerge()
@@ -301,6 +315,7 @@ __all__ = [
     "layer_diagnostics",
     "load_adapter",
     "merge_adapter",
+    "merge_and_unload",
     "read_adapter_config",
     "save_adapter",
     "trainable_parameters",

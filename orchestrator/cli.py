@@ -1,4 +1,4 @@
-"""`orchestrate`: validate | sweep | compare | sync | ui | cluster | describe.
+"""`orchestrate`: validate | sweep | compare | export | sync | ui | cluster | describe.
 
 Subcommands are plain functions; each returns the process exit code. Bad input exits 2 with every
 error listed, before Ray starts.
@@ -128,8 +128,9 @@ def cmd_compare(args) -> int:
     spec = _load(args.file)
     uri = tracking.tracking_uri(spec)
     tracking.check_tracking_uri(uri)
-    out = args.out or os.path.join(storage_path(spec), spec.name, "report")
-    write_report(compare(uri, tracking.experiment_name(spec), args.parent), out, uri=uri)
+    folder = "report" if args.target is None else f"report-target{args.target:g}"
+    out = args.out or os.path.join(storage_path(spec), spec.name, folder)
+    write_report(compare(uri, tracking.experiment_name(spec), args.parent, target_value=args.target), out, uri=uri)
     print(f"report written to {out} and to the sweep's MLflow parent run")
     return 0
 
@@ -144,6 +145,30 @@ def cmd_sync(args) -> int:
     counts = tracking.sync_from_storage(os.path.join(storage_path(spec), spec.name), uri, tracking.experiment_name(spec))
     print(f"synced {counts['trials']} trial(s) to {uri}: {counts['created']} run(s) created, "
           f"{counts['reports_logged']} report(s) logged")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from orchestrator import export
+
+    if args.source.endswith((".yaml", ".yml")):
+        spec = _load(args.source)
+        source, cfg, name = export.resolve(spec, trial=args.trial, method=args.method, run_id=args.run_id)
+        out = args.out or os.path.join(export.default_folder(spec), f"{name}-{args.format}")
+    else:
+        if args.trial or args.method or args.run_id:
+            raise ConfigError("--trial / --method / --run-id choose a trial of a sweep: give the sweep file, not a folder")
+        if not args.out:
+            raise ConfigError("--out: required when exporting a checkpoint folder")
+        source, out = args.source, args.out
+        cfg = export.read_trial_file(args.trial_config) if args.trial_config else None
+    info = export.export(source, out, args.format, cfg)
+    print(f"exported {info['method']} ({info['format']}) to {info['path']}; logits checked against the trained "
+          f"model (max difference {info['max_logit_diff']:.2g})")
+    if info["format"] == "peft":
+        print(f"load it: PeftModel.from_pretrained(<base model {info['base_model']}>, {info['path']!r})")
+    else:
+        print(f"load it: AutoModel*.from_pretrained({info['path']!r}) (transformers, vLLM, TGI)")
     return 0
 
 
@@ -220,10 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("--parent", help="MLflow parent run id (default: the latest sweep run)")
     c.add_argument("--out", help="folder for the CSV/JSON/PNG files (default: <storage>/<name>/report)")
+    c.add_argument("--target", type=float, help="another target value for the same metric: times to quality "
+                   "re-read from every trial's logged evaluations")
     c.set_defaults(fn=cmd_compare)
     y = sub.add_parser("sync", help="write results kept in Ray's storage to MLflow (idempotent)")
     y.add_argument("file")
     y.set_defaults(fn=cmd_sync)
+    e = sub.add_parser("export", help="a trained trial as a PEFT adapter or a merged transformers model")
+    e.add_argument("source", metavar="SWEEP_FILE_OR_CHECKPOINT",
+                   help="a sweep file (its best trial, or --method / --trial / --run-id), or a trial's checkpoint folder")
+    e.add_argument("--format", choices=["peft", "merged"], default="peft",
+                   help="peft: PeftModel.from_pretrained loads it; merged: the adapter folded in (AutoModel*.from_pretrained)")
+    e.add_argument("--method", help="the best trial of this method (default: the best trial of the sweep)")
+    e.add_argument("--trial", help="the trial of this name (e.g. lora-r8-seed0)")
+    e.add_argument("--run-id", help="the trial logged as this MLflow run (its adapter and trial_config.yaml artifacts)")
+    e.add_argument("--trial-config", help="for a folder without trial.json: the trial's trial.json or trial_config.yaml")
+    e.add_argument("--out", help="output folder (default for a sweep: <storage>/<name>/export/<trial>-<format>)")
+    e.set_defaults(fn=cmd_export)
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the sweep's tracking store")
     u.add_argument("file")
     u.add_argument("--port", type=int, default=5000)

@@ -64,15 +64,27 @@ def _trial_row(client, run, target: dict) -> dict[str, Any]:
 
 
 def _curve(client, run_id: str, metric: str) -> dict[str, list]:
-    """The metric against the training clock (method_init_s + train_s + eval_s) and the wall clock
-    (elapsed_s), joined on the report's step."""
+    """The metric against the training clock (method_init_s + train_s + eval_s), the wall clock
+    (elapsed_s) and the samples consumed, joined on the report's step."""
     def history(key):
         return {h.step: h.value for h in client.get_metric_history(run_id, key)}
 
-    wall, parts = history("elapsed_s"), [history(k) for k in ("method_init_s", "train_s", "eval_s")]
-    points = sorted((sum(p.get(h.step, 0.0) for p in parts), wall[h.step], h.value)
+    wall, samples = history("elapsed_s"), history("samples_seen")
+    parts = [history(k) for k in ("method_init_s", "train_s", "eval_s")]
+    points = sorted((h.step, sum(p.get(h.step, 0.0) for p in parts), wall[h.step], samples.get(h.step), h.value)
                     for h in client.get_metric_history(run_id, metric) if h.step in wall and schema.finite(h.value) is not None)
-    return {"train_s": [p[0] for p in points], "elapsed_s": [p[1] for p in points], metric: [p[2] for p in points]}
+    return {key: [p[i] for p in points] for i, key in enumerate(("step", "train_s", "elapsed_s", "samples_seen", metric))}
+
+
+def retarget(row: dict, curve: dict[str, list], target: dict) -> None:
+    """A trial's times to quality for another target value, read from its logged history: the
+    first evaluation at or beyond the new target (a trial stopped at the sweep's own target has no
+    history past it, so a harder target can only be reached where it ran on)."""
+    better = (lambda v: v >= target["value"]) if target["mode"] == "max" else (lambda v: v <= target["value"])
+    hit = next((i for i, v in enumerate(curve[target["metric"]]) if better(v)), None)
+    for key, series in ((schema.TIME_TO_QUALITY, "train_s"), ("time_to_quality_s", "elapsed_s"),
+                        ("samples_to_quality", "samples_seen")):
+        row[key] = None if hit is None else curve[series][hit]
 
 
 def _group(rows: list[dict]) -> dict[str, Any]:
@@ -115,9 +127,11 @@ def contention_note(groups: dict[str, dict]) -> str | None:
             f"trials on their node ({shown}); rerun with one trial at a time (tune.max_concurrent_trials: 1)")
 
 
-def compare(uri: str, experiment: str, parent_run_id: str | None = None) -> dict[str, Any]:
+def compare(uri: str, experiment: str, parent_run_id: str | None = None, target_value: float | None = None) -> dict[str, Any]:
     """Per method: the best configuration, time-to-quality over seeds, memory, quality, size and
-    ratios to full fine-tuning; plus every trial, the curves and the hybrid's gate history."""
+    ratios to full fine-tuning; plus every trial, the curves and the hybrid's gate history.
+    `target_value` replaces the sweep's target value (same metric): every time to quality is then
+    re-read from the trials' logged histories (`retarget`)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -129,6 +143,14 @@ def compare(uri: str, experiment: str, parent_run_id: str | None = None) -> dict
     target = {"metric": p["target_metric"], "mode": p.get("target_mode", "max"), "value": float(p["target_value"])}
     runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=5000)
     trials = sorted((_trial_row(client, r, target) for r in runs), key=lambda r: r["name"] or "")
+    curves = {t["name"]: {"method": t["method"], **_curve(client, t["run_id"], target["metric"])} for t in trials}
+    notes = []
+    if target_value is not None and target_value != target["value"]:
+        notes.append(f"target changed from the sweep's {target['value']} to {target_value}: times to quality re-read "
+                     "from each trial's evaluations (trials that stopped at the sweep's target have no history past it)")
+        target["value"] = float(target_value)
+        for t in trials:
+            retarget(t, curves[t["name"]], target)
     groups: dict[tuple, list[dict]] = {}
     for t in trials:
         key = (t["method"], tuple(sorted((k, v) for k, v in t["params"].items() if k != "seed")))
@@ -142,12 +164,13 @@ def compare(uri: str, experiment: str, parent_run_id: str | None = None) -> dict
     for g in best.values():
         for key, ratio in RATIOS.items():
             g[ratio] = _ratio(g[key], full[key]) if full else None
-    curves = {t["name"]: {"method": t["method"], **_curve(client, t["run_id"], target["metric"])} for t in trials}
     methods = dict(sorted(best.items()))
+    ranking = sorted(methods, key=lambda m: _rank(methods[m], target["mode"]), reverse=True)  # best first
     layers = {m: found for m, g in methods.items() if (found := _layers(client, g, trials))}
-    return {"experiment": experiment, "parent_run_id": parent.info.run_id, "target": target, "trials": trials,
-            "groups": rows, "methods": methods, "curves": curves, "layers": layers,
-            "notes": [n for n in (contention_note(methods),) if n]}
+    return {"experiment": experiment, "parent_run_id": parent.info.run_id, "target": target,
+            "retargeted": bool(notes), "trials": trials,
+            "groups": rows, "methods": methods, "ranking": ranking, "curves": curves, "layers": layers,
+            "notes": notes + [n for n in (contention_note(methods),) if n]}
 
 
 def _ratio(x: float | None, full: float | None) -> float | None:
@@ -190,11 +213,12 @@ def table(report: dict) -> str:
              f"{_fmt(g[schema.TIME_TO_QUALITY])} [{_fmt(g['ttq_min'])}-{_fmt(g['ttq_max'])}]" if g["reached"] else "not reached",
              _fmt(g["time_to_quality_s"]), _fmt(g["peak_memory_mb"], 5), _fmt(g["final_metric"]),
              _fmt(g["trainable_params"], 6), _fmt(g["train_ttq_vs_full"], 3), _fmt(g["memory_vs_full"], 3)]
-            for m, g in report["methods"].items()]
+            for m, g in ((m, report["methods"][m]) for m in report.get("ranking", report["methods"]))]
     t = report["target"]
     notes = "".join(f"\n{n}" for n in report.get("notes", []))
-    return (f"target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}; times are medians over "
-            f"seeds, a seed that never reached counted as inf\n" + format_table(rows, header) + notes)
+    return (f"target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}; best first (share of seeds "
+            f"that reached, then time); times are medians over seeds, a seed that never reached counted as inf\n"
+            + format_table(rows, header) + notes)
 
 
 def _figure(size=(8, 5)):
@@ -316,8 +340,10 @@ def write_report(report: dict, out_dir: str, uri: str | None = None, stream=None
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
+        # A report for another target than the sweep's goes beside the sweep's own, never over it.
+        folder = "report" if not report.get("retargeted") else f"report-target{report['target']['value']:g}"
         for path in files.values():
-            client.log_artifact(report["parent_run_id"], path, "report")
+            client.log_artifact(report["parent_run_id"], path, folder)
     return files
 
 

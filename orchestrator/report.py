@@ -134,6 +134,12 @@ def rank_key(reached: int, runs: int, ttq_median: float | None, metric: float | 
     return (share, -ttq, quality)
 
 
+def trial_key(trial: dict[str, Any], mode: Mode) -> tuple:
+    """`rank_key` of one trial's summary (sweep.summarize's entries): reached or not, then its time."""
+    ttq = trial.get(TIME_TO_QUALITY)
+    return rank_key(int(ttq is not None), 1, ttq, trial.get("metric"), mode)
+
+
 def unknown_fields(metrics: dict[str, Any], task_metrics: Iterable[str]) -> list[str]:
     """Report keys that have no entry here (nor are the task's own metrics): a schema gap."""
     return sorted(set(metrics) - set(FIELDS) - set(task_metrics) - {"eval_loss"})

@@ -162,6 +162,24 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
     )
 
 
+class Timeline:
+    """Where the driver's time goes (benchmarks/overhead.py reads it from the summary): seconds
+    per part, the first part (`start_s`: interpreter, imports, Ray's start) from the process's own
+    start, so a one-trial sweep's cost over a plain training loop can be taken apart."""
+
+    def __init__(self):
+        import psutil  # a Ray dependency
+
+        self.last = psutil.Process().create_time()
+        self.parts: dict[str, float] = {}
+        self.mark("start_s")
+
+    def mark(self, part: str) -> None:
+        now = time.time()
+        self.parts[part] = round(now - self.last, 3)
+        self.last = now
+
+
 def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False, track: bool = True):
     """Run (or resume) the sweep; returns (Tune's ResultGrid, summary). Ray must be initialised.
 
@@ -171,6 +189,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     from orchestrator import tracking
     from orchestrator.progress import LiveTable
 
+    timeline = Timeline()
     target = spec.resolve_target()
     live = [] if quiet else [LiveTable(target)]
     uri, parent = tracking.tracking_uri(spec), None
@@ -181,7 +200,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
     from orchestrator.nodes import prepare_nodes
 
+    timeline.mark("tracking_s")
     prepare_nodes(trial_configs(spec), quiet=quiet)  # op builds and downloads outside every trial's clock
+    timeline.mark("prepare_nodes_s")
     tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume)
     started = time.time()
     try:
@@ -194,6 +215,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         raise KeyboardInterrupt
     summary = summarize(results, target)
     summary["wall_s"] = time.time() - started
+    timeline.mark("trials_s")
+    summary["driver"] = timeline.parts
     try:
         write_summary(storage_path(spec), spec.name, summary)
     except OSError as e:  # a bucket's credentials, say: the summary still goes to MLflow below
@@ -249,11 +272,11 @@ def summarize(results, target: Target) -> dict[str, Any]:
             "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
             "metric": m.get(target.metric), **{k: m.get(k) for k in report.SUMMARY},
+            "checkpoint": r.checkpoint.path if r.checkpoint is not None else None,  # `orchestrate export` reads it
         })
 
     def key(t):
-        reached = t[report.TIME_TO_QUALITY] is not None
-        return report.rank_key(int(reached), 1, t[report.TIME_TO_QUALITY], t["metric"], target.mode)
+        return report.trial_key(t, target.mode)
 
     best: dict[str, dict[str, Any]] = {}
     for t in trials:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from orchestrator.tasks import get_task
 _zero3_loading = None  # see load_model
 ADAPTER_DIR = "adapter"  # inside the final checkpoint: methods.save_adapter's format
 STATE_FILE = "trial_state.pt"
+TRIAL_FILE = "trial.json"  # the trial's configuration (TrialConfig.to_dict), read by orchestrator.export
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -354,7 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if due or stop_reason is not None:
             reports_since_checkpoint = 0
             with clock("checkpoint_s"):
-                report_with_checkpoint(engine, metrics, state, final=stop_reason is not None)
+                report_with_checkpoint(engine, metrics, state, config["trial"])
         else:
             ray.train.report(metrics)
         if master:
@@ -367,9 +369,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cores.release()
 
 
-def report_with_checkpoint(engine, metrics: dict, state: dict, final: bool) -> None:
+def report_with_checkpoint(engine, metrics: dict, state: dict, trial: dict) -> None:
     """Every rank writes its DeepSpeed shard into its own folder; Ray merges them in storage.
-    Rank 0 adds the adapter alone (methods' format) and the trial state (step, clock, ...)."""
+    Rank 0 adds the adapter alone (methods' format), the trial state (step, clock, ...) and the
+    trial's configuration (what `orchestrate export` rebuilds the base model from)."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -379,6 +382,8 @@ def report_with_checkpoint(engine, metrics: dict, state: dict, final: bool) -> N
             if rank == 0:
                 methods.save_adapter(engine.module, os.path.join(d, ADAPTER_DIR))
                 torch.save(state, os.path.join(d, STATE_FILE))
+                with open(os.path.join(d, TRIAL_FILE), "w") as f:
+                    json.dump(trial, f, indent=2)
         collectives.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 

@@ -4,6 +4,7 @@ BBC News; a failing trial, ASHA stops, Ctrl-C and --resume."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -161,3 +162,73 @@ def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
     uri = write_summary(f"file://{tmp_path}/bucket", "s", summary)  # the pyarrow path s3:// and gs:// take
     assert uri == f"file://{tmp_path}/bucket/s/summary.json"
     assert json.loads((tmp_path / "bucket" / "s" / "summary.json").read_text()) == summary
+
+
+# ----------------------------------------------------------------------------- seeds, compare, export
+
+
+@pytest.fixture(scope="module")
+def seeded_sweep(ray_session, mlflow_server, tmp_path_factory):  # noqa: F811
+    """A real sweep of 3 seeds x 2 methods, 10 short steps each, tracked in a real MLflow server: LoRA at
+    a working learning rate, BOFT at one too small to move the loss, so its seeds differ only by
+    their classifier heads' random initialisation."""
+    import dataclasses
+
+    tmp = tmp_path_factory.mktemp("seeded")
+    path = write_sweep(tmp, name="seeded",
+                       data={"name": "bbc_news", "max_train_samples": 64, "max_eval_samples": 32, "max_length": 32},
+                       train={"max_steps": 10, "batch_size": 8, "eval_every": 5, "lr": 2e-2, "checkpoint_every": 0},
+                       methods={"lora": {"r": 4}, "boft": {"block_size": 4, "train.lr": 1e-7}},
+                       tune={"num_samples": 1, "seeds": [0, 1, 2], "scheduler": "fifo"})
+    spec = load_sweep(str(path))
+    spec = dataclasses.replace(spec, tracking=TrackingSettings(uri=mlflow_server, experiment="seeded"))
+    _, summary = run_sweep(spec, quiet=True)
+    assert len(summary["trials"]) == 6 and all(t["status"] == "TERMINATED" for t in summary["trials"]), summary["trials"]
+    return {"path": path, "spec": spec, "summary": summary, "url": mlflow_server}
+
+
+def test_compare_on_real_runs_counts_the_seeds_that_never_reached(seeded_sweep):
+    from orchestrator.compare import compare, table
+
+    url = seeded_sweep["url"]
+    sweep = compare(url, "seeded")
+    lowest = {method: sorted(min(c["eval_loss"]) for c in sweep["curves"].values() if c["method"] == method)
+              for method in ("lora", "boft")}
+    lora, boft = lowest["lora"], lowest["boft"]
+    # A target that one BOFT seed meets (its luckiest head) and every LoRA seed meets: then BOFT's
+    # fastest time may well be the fastest of all, but it reached in 1 of 3 seeds.
+    assert lora[-1] < boft[1], f"the runs do not separate: lora {lora}, boft {boft}"
+    value = max(lora[-1], boft[0])
+    report = compare(url, "seeded", target_value=value)
+    m = report["methods"]
+    assert (m["lora"]["reached"], m["lora"]["seeds"], m["boft"]["reached"], m["boft"]["seeds"]) == (3, 3, 1, 3)
+    assert m["boft"]["train_time_to_quality_s"] == math.inf and math.isfinite(m["lora"]["train_time_to_quality_s"])
+    assert m["boft"]["ttq_min"] is not None  # its one reaching seed's time is kept as the spread
+    assert report["ranking"] == ["lora", "boft"]
+    shown = table(report)
+    assert "1/3" in shown and "3/3" in shown and "inf [" in shown and "target changed" in shown
+    # The sweep's own (unreachable) target: nobody reached, and the report says so.
+    assert all(g["reached"] == 0 for g in sweep["methods"].values())
+
+
+def test_export_a_sweeps_best_trial_by_method_or_by_mlflow_run(seeded_sweep, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator import export
+
+    cmd = [sys.executable, "-m", "orchestrator.cli", "export", str(seeded_sweep["path"]), "--method", "lora",
+           "--format", "merged", "--out", str(tmp_path / "merged")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = seeded_sweep["summary"]["best"]["lora"]["name"]
+    assert json.loads((tmp_path / "merged" / "export.json").read_text())["trial"]["train"]["seed"] == int(best[-1])
+    AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))  # a plain transformers folder
+
+    url = seeded_sweep["url"]
+    (run,) = search(url, experiment_id(url, "seeded"), f"attributes.run_name = '{best}'")
+    source, cfg, name = export.resolve(seeded_sweep["spec"], run_id=run["info"]["run_id"])  # MLflow's artifacts
+    assert name == best and cfg.method.name == "lora"
+    info = export.export(source, str(tmp_path / "peft"), "peft", cfg)
+    assert info["max_logit_diff"] <= 1e-5
+    bad = subprocess.run([*cmd[:5], "--method", "unitary"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no finished 'unitary' trial" in bad.stderr

@@ -1,0 +1,200 @@
+"""What a trial costs beyond its training: a plain PyTorch loop against the same trial through
+`orchestrate sweep`, alone and six times in a row, in one run.
+
+    python benchmarks/overhead.py            # ~5 minutes on 2 cores
+    python benchmarks/overhead.py --write    # and record it in BENCHMARKS.md
+
+The work is the quickstart's hybrid trial (all-MiniLM-L6-v2, BBC News, 512 train / 128 eval,
+max_length 96, batch 16, evaluation every 10 steps) for a fixed 20 steps, so every run does the
+same steps whatever its seed:
+  plain   one process, 2 threads, the project's own task and method code (`orchestrator.tasks`,
+          `methods`), torch's AdamW, no Ray and no DeepSpeed; timed from process start to exit;
+  sweep1  `orchestrate sweep` of that one trial (Ray Tune -> Ray Train, 2 workers x 1 pinned core,
+          DeepSpeed ZeRO-2, MLflow in a local SQLite store), driver start to exit;
+  sweep6  the same sweep with 6 seeds, one trial at a time;
+  poll2   sweep1 again with Ray Train's default 2 s controller poll (the product sets 0.25 s):
+          what that cut buys.
+Each plain loop runs twice (the mean is used). The per-part breakdown comes from the sweep's
+`summary.json` (`driver`: the driver's timeline) and the trials' reports (`worker_start_s`,
+`setup_s`, method init, steps, evaluations, checkpoints). The fixed cost of a trial is the
+marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5, minus the plain loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+STEPS, EVAL_EVERY = 20, 10
+DATA = {"name": "bbc_news", "max_train_samples": 512, "max_eval_samples": 128, "max_length": 96}
+METHOD = {"lora_ga": {"lora": {"r": 8}}, "boft": {"block_size": 8}}
+TRAIN = {"max_steps": STEPS, "batch_size": 16, "eval_every": EVAL_EVERY, "lr": 2.0e-3, "warmup_steps": 5,
+         "stop_at_target": False}
+TRIAL_PARTS = ("worker_start_s", "setup_s", "method_init_s", "train_s", "eval_s", "checkpoint_s")
+
+
+def plain_loop() -> None:
+    """The trial's work in one process, no orchestration; prints its timeline as JSON."""
+    import random
+
+    import torch
+
+    t_import = time.time()
+    torch.set_num_threads(2)
+    import methods
+    from orchestrator.config import TrialConfig
+    from orchestrator.tasks import get_task
+    from orchestrator.worker import head_modules, load_model, lr_factor, shard_batches
+
+    cfg = TrialConfig.from_dict({"data": DATA, "method": {"name": "hybrid", "config": METHOD}, "train": TRAIN,
+                                 "target": {"metric": "accuracy", "value": 0.85},
+                                 "resources": {"num_workers": 1}})  # one process: the whole batch
+    task = get_task(cfg.data.name)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer, model = load_model(cfg, task)
+    train, evals = task.load(cfg.data)
+    random.Random(cfg.train.seed).shuffle(train)
+    t_loaded = time.time()
+
+    def collate(examples):
+        return task.collate(tokenizer, examples, max_length=cfg.data.max_length)
+
+    micro = cfg.micro_batch_size
+    eval_batches = [task.collate_eval(tokenizer, evals[i : i + micro * 2], cfg.data) for i in range(0, len(evals), micro * 2)]
+    grad_batches = (b for _, b in shard_batches(train, collate, micro, cfg.train.seed + 1, 0, 1))
+    methods.apply_method(model, cfg.method.build(), batches=grad_batches, modules_to_save=head_modules(model, cfg, task))
+    opt = torch.optim.AdamW(methods.trainable_parameters(model), lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    t_loop = time.time()
+    batches = shard_batches(train, collate, micro, cfg.train.seed, 0, 1)
+    metrics = {}
+    model.train()
+    for step in range(1, cfg.train.max_steps + 1):
+        _, batch = next(batches)
+        model(**batch).loss.backward()
+        methods.after_backward(model, step)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % cfg.train.eval_every == 0:
+            metrics = task.evaluate(model, eval_batches, tokenizer)
+    print(json.dumps({"import_s": t_import - START, "load_s": t_loaded - t_import, "init_s": t_loop - t_loaded,
+                      "loop_s": time.time() - t_loop, "accuracy": metrics.get("accuracy")}))
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    started = time.time()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return time.time() - started, out.stdout
+
+
+def sweep(tmp: str, name: str, seeds: int, env: dict) -> dict:
+    import yaml
+
+    path = os.path.join(tmp, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"name": name, "data": DATA, "target": {"metric": "accuracy", "value": 0.85},
+                        "train": {**TRAIN, "checkpoint_every": 0}, "deepspeed": {"zero_stage": 2},
+                        "methods": {"hybrid": {"lora_ga.lora.r": 8, "boft.block_size": 8}},
+                        "tune": {"num_samples": 1, "seeds": list(range(seeds)), "scheduler": "fifo"},
+                        "resources": {"num_workers": 2, "cpus_per_worker": 0.49},
+                        "storage": os.path.join(tmp, "runs")}, f)
+    wall, _ = timed([sys.executable, "-m", "orchestrator.cli", "sweep", path], env)
+    with open(os.path.join(tmp, "runs", name, "summary.json")) as f:
+        summary = json.load(f)
+    trials = []
+    for path in glob.glob(os.path.join(tmp, "runs", name, "*", "result.json")):  # Tune's, per trial
+        with open(path) as f:
+            last = [json.loads(line) for line in f if line.strip()][-1]
+        trials.append({k: last.get(k) or 0.0 for k in (*TRIAL_PARTS, "elapsed_s")})
+    assert len(trials) == len(summary["trials"]) == seeds, (len(trials), summary["trials"])
+    driver = summary["driver"]
+    driver["report_s"] = wall - sum(driver.values())  # MLflow parent run close and comparison report
+    return {"wall_s": wall, "driver": driver, "trials": trials}
+
+
+def fmt_parts(parts: dict) -> str:
+    return ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in parts.items())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="replace this benchmark's section in BENCHMARKS.md")
+    args = p.parse_args()
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    tmp = tempfile.mkdtemp(prefix="overhead-")
+    plains = []
+    for _ in range(2):
+        wall, out = timed([sys.executable, __file__, "--plain"], env)
+        plains.append({"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
+        print(f"plain loop: {wall:.1f} s ({fmt_parts({k: v for k, v in plains[-1].items() if k.endswith('_s')})})", flush=True)
+    plain = statistics.mean(p["wall_s"] for p in plains)
+    one = sweep(tmp, "overhead1", 1, env)
+    print(f"one-trial sweep: {one['wall_s']:.1f} s", flush=True)
+    six = sweep(tmp, "overhead6", 6, env)
+    print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
+    # What the one cut in the trial path buys: Ray Train's own 2 s controller poll (trial.py sets 0.25 s).
+    slow_poll = sweep(tmp, "overhead1poll2", 1, {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"})
+    print(f"one-trial sweep, 2 s poll: {slow_poll['wall_s']:.1f} s", flush=True)
+
+    marginal = (six["wall_s"] - one["wall_s"]) / 5
+    trial_mean = {k: statistics.mean(t[k] for t in six["trials"]) for k in (*TRIAL_PARTS, "elapsed_s")}
+    span = trial_mean["worker_start_s"] + trial_mean["elapsed_s"]
+    lines = [
+        "### Sweep overhead: a plain loop, a one-trial sweep and a six-trial sweep",
+        "",
+        "- command: `python benchmarks/overhead.py --write`",
+        f"- date: {datetime.date.today()}; 2 CPU cores; the quickstart's hybrid trial (MiniLM, BBC News 512/128, "
+        f"max_length 96, batch 16) for a fixed {STEPS} steps with an evaluation every {EVAL_EVERY}; sweeps: 2 workers x 1 "
+        "pinned core, ZeRO-2, one trial at a time, MLflow in SQLite, no checkpoints before the end",
+        "",
+        "| run | wall (s) | parts (s) |",
+        "|---|---|---|",
+        *[f"| plain loop {i + 1} (process start to exit) | {p['wall_s']:.1f} | "
+          f"{fmt_parts({k: v for k, v in p.items() if k.endswith('_s') and k != 'wall_s'})}; accuracy {p['accuracy']:.3f} |"
+          for i, p in enumerate(plains)],
+        f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
+        f"trial: {fmt_parts(one['trials'][0])} |",
+        f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
+        f"| one-trial sweep with Ray Train's default 2 s controller poll | {slow_poll['wall_s']:.1f} | driver: "
+        f"{fmt_parts(slow_poll['driver'])}; trial: {fmt_parts(slow_poll['trials'][0])} |",
+        "",
+        f"- marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5: {marginal:.1f} s; "
+        f"fixed cost per trial over the plain loop: **{marginal - plain:.1f} s** (goal <= 10 s)",
+        f"- of a trial's {span:.1f} s from launch to its last report: worker group start {trial_mean['worker_start_s']:.1f} s, "
+        f"worker setup {trial_mean['setup_s']:.1f} s, method init + steps + evaluations "
+        f"{trial_mean['method_init_s'] + trial_mean['train_s'] + trial_mean['eval_s']:.1f} s; "
+        f"the rest of the marginal cost ({marginal - span:.1f} s) is Tune's trial actor start and Train's shutdown",
+        f"- six-trial sweep / six plain loops: **{six['wall_s'] / (6 * plain):.2f}x** (goal <= 1.25x); "
+        f"one-trial sweep / one plain loop: {one['wall_s'] / plain:.2f}x",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        from benchmarks.step_time import write_section
+
+        write_section(os.path.join(ROOT, "BENCHMARKS.md"), "overhead", text)
+
+
+if __name__ == "__main__":
+    START = time.time()
+    if sys.argv[1:] == ["--plain"]:
+        import psutil
+
+        START = psutil.Process().create_time()
+        plain_loop()
+    else:
+        main()
