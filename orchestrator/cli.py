@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 
@@ -73,14 +74,17 @@ def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own chatter stays out of the live table: workers' and raylets' logs reach this terminal
+    # only with --verbose (log_to_driver), and Ray's driver-side logger says warnings and worse only.
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
         runtime_env = {"env_vars": env_vars} if env_vars else None
-        return ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)
+        return ray.init(address=address, runtime_env=runtime_env, **quiet)
     with socket.socket() as s:  # our own dashboard port: its state API frees stopped trials' resources
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose)
+    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
 
 
 def worker_env(spec) -> dict[str, str]:
@@ -162,6 +166,8 @@ def cmd_export(args) -> int:
             raise ConfigError("--out: required when exporting a checkpoint folder")
         source, out = args.source, args.out
         cfg = export.read_trial_file(args.trial_config) if args.trial_config else None
+    if args.register and not args.source.endswith((".yaml", ".yml")):
+        raise ConfigError("--register: give the sweep file (the model is registered from the trial's MLflow run)")
     info = export.export(source, out, args.format, cfg)
     print(f"exported {info['method']} ({info['format']}) to {info['path']}; logits checked against the trained "
           f"model (max difference {info['max_logit_diff']:.2g})")
@@ -169,6 +175,13 @@ def cmd_export(args) -> int:
         print(f"load it: PeftModel.from_pretrained(<base model {info['base_model']}>, {info['path']!r})")
     else:
         print(f"load it: AutoModel*.from_pretrained({info['path']!r}) (transformers, vLLM, TGI)")
+    if args.register:
+        from orchestrator import tracking
+        from orchestrator.logged_models import register
+
+        uri = tracking.tracking_uri(spec)
+        run_id = args.run_id or export.run_of(uri, tracking.experiment_name(spec), name)
+        print(f"registered {args.register} version {register(uri, run_id, args.register)} (the logged model of {name})")
     return 0
 
 
@@ -261,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-id", help="the trial logged as this MLflow run (its adapter and trial_config.yaml artifacts)")
     e.add_argument("--trial-config", help="for a folder without trial.json: the trial's trial.json or trial_config.yaml")
     e.add_argument("--out", help="output folder (default for a sweep: <storage>/<name>/export/<trial>-<format>)")
+    e.add_argument("--register", metavar="NAME", help="also register the trial's MLflow logged model under NAME")
     e.set_defaults(fn=cmd_export)
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the sweep's tracking store")
     u.add_argument("file")

@@ -72,6 +72,19 @@ def default_folder(spec) -> str:
     return os.path.join(storage_path(spec), spec.name, "export")
 
 
+def run_of(uri: str, experiment: str, trial_name: str) -> str:
+    """The MLflow run id of a sweep's trial, by its name (the latest such run)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{trial_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    if not runs:
+        raise ConfigError(f"no MLflow run named {trial_name!r} in experiment {experiment!r} at {uri}")
+    return runs[0].info.run_id
+
+
 def resolve(spec, trial: str | None = None, method: str | None = None, run_id: str | None = None):
     """(checkpoint folder, trial config, trial name) of a sweep's trial: the MLflow run `run_id`, the
     trial called `trial`, the best trial of `method`, or the best of the sweep (report.rank_key)."""

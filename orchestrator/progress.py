@@ -1,5 +1,5 @@
-"""The live view of a sweep: a compact table of trials, reprinted as results arrive (at most every
-`every_s` seconds), in place of Tune's verbose default output."""
+"""The live view of a sweep, in place of Tune's verbose default output: a table of trials updated in
+place in a terminal, a plain line per change otherwise (see LiveTable)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,16 @@ def fmt(value, digits: int = 4) -> str:
 
 
 class LiveTable(Callback):
-    def __init__(self, target: Target, every_s: float = 10.0):
+    """In a terminal: one table of every trial, redrawn in place (at most every `every_s` seconds,
+    and at every trial's end). Elsewhere (CI, `ray job logs`, a file): one plain line per trial
+    whenever its status or step changes, so the log reads as a history, not as reprinted tables."""
+
+    def __init__(self, target: Target, every_s: float = 2.0):
         self.target, self.every_s = target, every_s  # no stream attribute: Tune pickles callbacks
         self.last: dict[str, dict] = {}
         self.printed = 0.0
+        self.drawn = 0  # lines of the table last drawn in place
+        self.shown: dict[str, tuple] = {}  # trial id -> (status, step) of its last plain line
 
     def _row(self, trial) -> list[str]:
         r = self.last.get(trial.trial_id, {})
@@ -36,15 +42,41 @@ class LiveTable(Callback):
                 fmt(r.get(self.target.metric)), *(fmt(r.get(k), 4) if k != "stop_reason" else r.get(k) or ""
                                                   for k in report.COLUMNS)]
 
+    def _header(self) -> list[str]:
+        return ["trial", "status", "method", self.target.metric, *map(report.short, report.COLUMNS)]
+
     def _print(self, trials, force: bool = False) -> None:
+        if sys.stdout.isatty():
+            self._redraw(trials, force)
+        else:
+            self._lines(trials)
+
+    def _redraw(self, trials, force: bool) -> None:
         if not force and time.time() - self.printed < self.every_s:
             return
         self.printed = time.time()
-        header = ["trial", "status", "method", self.target.metric, *map(report.short, report.COLUMNS)]
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"\n== {done}/{len(trials)} trials done; target {self.target.metric} "
-              f"{'>=' if self.target.mode == 'max' else '<='} {self.target.value}", file=sys.stdout)
-        print(format_table([self._row(t) for t in trials], header), file=sys.stdout, flush=True)
+        text = (f"{done}/{len(trials)} trials done; target {self.target.metric} "
+                f"{'>=' if self.target.mode == 'max' else '<='} {self.target.value}\n"
+                + format_table([self._row(t) for t in trials], self._header()))
+        # Cursor up over the previous table, clear to the end of the screen, draw the new one.
+        up = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+        sys.stdout.write(up + text + "\n")
+        sys.stdout.flush()
+        self.drawn = text.count("\n") + 1
+
+    def _lines(self, trials) -> None:
+        header = self._header()
+        for t in trials:
+            row = self._row(t)
+            key = (t.status, row[4])  # status, step
+            if self.shown.get(t.trial_id) == key:
+                continue
+            self.shown[t.trial_id] = key
+            print("  ".join(f"{h}={v}" for h, v in zip(header, row) if v not in ("-", "")), flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._print(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result

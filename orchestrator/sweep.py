@@ -238,6 +238,9 @@ def report_to_mlflow(spec: SweepSpec, uri: str, parent: str | None, summary: dic
             tracking.finish_parent_run(uri, parent, summary)
         report = compare(uri, tracking.experiment_name(spec), parent)
         write_report(report, os.path.join(storage_path(spec), spec.name, "report"), uri=uri)
+        from orchestrator.logged_models import log_best_models
+
+        log_best_models(uri, tracking.experiment_name(spec), summary)  # the UI's Models column, the registry
     except Exception as e:  # noqa: BLE001 - the results are safe in storage; `orchestrate sync` retries
         warnings.warn(f"MLflow report failed ({e}); results are in {storage_path(spec)}; run `orchestrate sync`")
 
@@ -272,7 +275,8 @@ def summarize(results, target: Target) -> dict[str, Any]:
             "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
             "metric": m.get(target.metric), **{k: m.get(k) for k in report.SUMMARY},
-            "checkpoint": r.checkpoint.path if r.checkpoint is not None else None,  # `orchestrate export` reads it
+            # The trial's last checkpoint (TuneReportCallback puts its path in the report), for `orchestrate export`
+            "checkpoint": m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint is not None else None),
         })
 
     def key(t):

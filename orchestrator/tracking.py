@@ -187,15 +187,21 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def ensure_experiment(client, name: str) -> str:
-    """The experiment's id, creating it (artifacts next to a SQLite store, not in Tune's cwd)."""
+    """The experiment's id, creating it (artifacts next to a SQLite store, not in Tune's cwd), marked
+    as a model-training experiment so that the UI opens on its runs table."""
+    from orchestrator.logged_models import EXPERIMENT_KIND
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     uri = client.tracking_uri
     location = None
     if uri.startswith("sqlite:///"):
         location = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts", name)
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def _git_commit(folder: str) -> str | None:
@@ -309,6 +315,12 @@ def find_or_create_run(client, experiment_id: str, parent_run_id: str | None, tr
     import yaml
 
     client.log_text(run_id, yaml.safe_dump(trial, sort_keys=False), "trial_config.yaml")
+    try:
+        from orchestrator.logged_models import log_dataset
+
+        log_dataset(client, run_id, trial["data"])
+    except Exception as e:  # noqa: BLE001 - the run itself is what matters
+        log.warning("MLflow: dataset input of %s not logged: %s", name, e)
     return run_id
 
 

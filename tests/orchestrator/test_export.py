@@ -85,6 +85,11 @@ def test_peft_export_loads_in_peft_with_the_trained_logits(model, method, llama_
     got = export.logits(reloaded, tokenizer)
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
     assert info["max_logit_diff"] <= 1e-5
+    if model == "minilm":  # the README's one-liner: PEFT finds the base model by itself
+        from peft import AutoPeftModelForSequenceClassification
+
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "peft"), num_labels=5).eval()
+        assert torch.allclose(export.logits(auto, tokenizer), expected, atol=1e-5)
     assert not torch.allclose(export.logits(export.load_base(cfg)[1], tokenizer), expected, atol=1e-3)  # the adapter matters
 
 

@@ -172,16 +172,14 @@ def seeded_sweep(ray_session, mlflow_server, tmp_path_factory):  # noqa: F811
     """A real sweep of 3 seeds x 2 methods, 10 short steps each, tracked in a real MLflow server: LoRA at
     a working learning rate, BOFT at one too small to move the loss, so its seeds differ only by
     their classifier heads' random initialisation."""
-    import dataclasses
-
     tmp = tmp_path_factory.mktemp("seeded")
     path = write_sweep(tmp, name="seeded",
                        data={"name": "bbc_news", "max_train_samples": 64, "max_eval_samples": 32, "max_length": 32},
                        train={"max_steps": 10, "batch_size": 8, "eval_every": 5, "lr": 2e-2, "checkpoint_every": 0},
                        methods={"lora": {"r": 4}, "boft": {"block_size": 4, "train.lr": 1e-7}},
-                       tune={"num_samples": 1, "seeds": [0, 1, 2], "scheduler": "fifo"})
+                       tune={"num_samples": 1, "seeds": [0, 1, 2], "scheduler": "fifo"},
+                       tracking={"uri": mlflow_server, "experiment": "seeded"})
     spec = load_sweep(str(path))
-    spec = dataclasses.replace(spec, tracking=TrackingSettings(uri=mlflow_server, experiment="seeded"))
     _, summary = run_sweep(spec, quiet=True)
     assert len(summary["trials"]) == 6 and all(t["status"] == "TERMINATED" for t in summary["trials"]), summary["trials"]
     return {"path": path, "spec": spec, "summary": summary, "url": mlflow_server}
@@ -227,8 +225,43 @@ def test_export_a_sweeps_best_trial_by_method_or_by_mlflow_run(seeded_sweep, tmp
     url = seeded_sweep["url"]
     (run,) = search(url, experiment_id(url, "seeded"), f"attributes.run_name = '{best}'")
     source, cfg, name = export.resolve(seeded_sweep["spec"], run_id=run["info"]["run_id"])  # MLflow's artifacts
+    assert os.path.isfile(os.path.join(source, "adapter", "adapter_config.json"))
     assert name == best and cfg.method.name == "lora"
     info = export.export(source, str(tmp_path / "peft"), "peft", cfg)
     assert info["max_logit_diff"] <= 1e-5
     bad = subprocess.run([*cmd[:5], "--method", "unitary"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no finished 'unitary' trial" in bad.stderr
+
+
+def test_mlflow_lists_the_best_models_and_the_training_data(seeded_sweep, tmp_path):
+    from tests.orchestrator.test_tracking import api
+
+    url, summary = seeded_sweep["url"], seeded_sweep["summary"]
+    exp = experiment_id(url, "seeded")
+    tags = {t["key"]: t["value"] for t in api(url, "experiments/get", experiment_id=exp)["experiment"]["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    runs = {r["info"]["run_name"]: r for r in search(url, exp, "tags.orchestrator.kind = 'trial'")}
+    assert len(runs) == 6
+    for run in runs.values():  # the runs table's Dataset column
+        (inp,) = run["inputs"]["dataset_inputs"]
+        assert inp["dataset"]["name"] == "bbc_news" and len(inp["dataset"]["digest"]) == 10
+        assert {"key": "mlflow.data.context", "value": "training"} in inp["tags"]
+    digests = {r["inputs"]["dataset_inputs"][0]["dataset"]["digest"] for r in runs.values()}
+    assert len(digests) == 1  # the same data for every trial (the sampling seed is the data's, not the trial's)
+    models = api(url, "logged-models/search", {"experiment_ids": [exp]})["models"]
+    by_method = {{t["key"]: t["value"] for t in m["info"]["tags"]}["method"]: m for m in models}
+    assert set(by_method) == {"lora", "boft"}
+    for method, m in by_method.items():
+        info = m["info"]
+        best = summary["best"][method]["name"]
+        assert info["source_run_id"] == runs[best]["info"]["run_id"] and info["status"] == "LOGGED_MODEL_READY"
+        assert {t["key"]: t["value"] for t in info["tags"]}["format"] == "peft"  # both have a PEFT format
+        outputs = runs[best]["outputs"]["model_outputs"]
+        assert [o["model_id"] for o in outputs] == [info["model_id"]]  # the runs table's Models column
+    cmd = [sys.executable, "-m", "orchestrator.cli", "export", str(seeded_sweep["path"]), "--method", "lora",
+           "--out", str(tmp_path / "peft"), "--register", "seeded-lora"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered seeded-lora version 1" in done.stdout
+    versions = api(url, "model-versions/search", filter="name='seeded-lora'")["model_versions"]
+    assert [v["run_id"] for v in versions] == [by_method["lora"]["info"]["source_run_id"]]
