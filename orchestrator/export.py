@@ -53,8 +53,9 @@ def read_trial_file(path: str) -> TrialConfig:
 
     try:
         with open(path) as f:
-            return TrialConfig.from_dict(yaml.safe_load(f))  # JSON is YAML
-    except (OSError, yaml.YAMLError, TypeError, ValueError) as e:
+            # Not yaml for JSON: PyYAML (YAML 1.1) reads json's 1e-07 as a string
+            return TrialConfig.from_dict(json.load(f) if path.endswith(".json") else yaml.safe_load(f))
+    except (OSError, yaml.YAMLError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ConfigError(f"{path}: not a trial configuration ({e})") from e
 
 
