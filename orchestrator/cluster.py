@@ -269,7 +269,7 @@ class CostEstimate:
     name: str
     trials: int
     gpus_per_trial: float
-    hours_per_trial: float  # max_steps x seconds_per_step (ASHA and the target stop trials earlier)
+    hours_per_trial: float  # the longest trial's max_steps x seconds_per_step (ASHA and the target stop trials earlier)
     gpu_hours: float
     usd: float  # GPUs, plus the head for the wall clock when priced
     wall_hours: float | None = None  # with a concurrency: ceil(trials / concurrency) x hours_per_trial
@@ -299,11 +299,16 @@ def estimate_cost(spec, gpu_hour_usd: float, seconds_per_step: float, concurrenc
     estimated too, and `head_hour_usd` adds the head for that long."""
     if gpu_hour_usd < 0 or seconds_per_step <= 0:
         raise ValueError(f"gpu_hour_usd={gpu_hour_usd}, seconds_per_step={seconds_per_step}: expected >= 0 and > 0")
-    trials = spec.tune.num_samples if spec.tune.search_alg == "optuna" else len(spec.plan())
+    from orchestrator.sweep import trial_configs
+
+    # Each trial at its own budget (a method's train.max_steps overrides the file's).
+    configs = trial_configs(spec)
+    trials = spec.tune.num_samples if spec.tune.search_alg == "optuna" else len(configs)
+    steps = [c.train.max_steps for c in configs] * (trials if spec.tune.search_alg == "optuna" else 1)
     r = spec.resources
     gpus = r.num_workers * r.gpus_per_worker
-    hours = spec.train.max_steps * seconds_per_step / 3600
-    gpu_hours = trials * gpus * hours
+    hours = max(steps) * seconds_per_step / 3600  # the longest trial
+    gpu_hours = sum(steps) * seconds_per_step / 3600 * gpus
     wall = math.ceil(trials / concurrency) * hours if concurrency else None
     head = (wall or 0.0) * head_hour_usd
     return CostEstimate(spec.name, trials, gpus, hours, gpu_hours, gpu_hours * gpu_hour_usd + head, wall, head)

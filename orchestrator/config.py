@@ -212,7 +212,14 @@ def validate_trial(cfg: TrialConfig) -> Target:
     value = cfg.target.value if cfg.target.value is not None else task.default_target
     if metric != task.default_metric and cfg.target.value is None:
         raise ConfigError(f"target.value: required when target.metric ({metric}) is not the task's default")
-    if cfg.model.name_or_path and os.path.sep in cfg.model.name_or_path and not os.path.isdir(cfg.model.name_or_path):
+    from orchestrator.tasks import assets
+
+    if assets.is_packaged(cfg.model.name_or_path):
+        try:
+            assets.model_path(cfg.model.name_or_path, convert=False)
+        except (ValueError, ModuleNotFoundError, FileNotFoundError) as e:
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
+    elif cfg.model.name_or_path and os.path.sep in cfg.model.name_or_path and not os.path.isdir(cfg.model.name_or_path):
         if cfg.model.name_or_path.startswith((".", "/", "~")):
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: folder not found")
     check_model_fit(cfg, task)
@@ -228,9 +235,10 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
     a missing modules_to_save fails here, naming the layer, before anything is launched. Skipped
     when config.json is neither in a local folder nor in the Hugging Face cache (a hub model not yet
     downloaded); the worker checks again when it builds the method."""
-    from orchestrator.tasks import default_model_path
+    from orchestrator.tasks.assets import model_path
 
-    model = meta_model(cfg.model.name_or_path or str(default_model_path()), task.kind, task.num_labels)
+    path = model_path(cfg.model.name_or_path, convert=False)  # a GGUF not yet converted: checked by the worker
+    model = meta_model(path, task.kind, task.num_labels) if path else None
     if model is None:
         return
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

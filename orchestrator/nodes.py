@@ -7,7 +7,7 @@ the same setup.
           takes about a minute; the result is cached in $TORCH_EXTENSIONS_DIR, which the workers
           on that node read.
         - the Hugging Face snapshots of hub models (`model.name_or_path` that is no local folder),
-          into the node's cache.
+          into the node's cache, and the one-time conversion of `pip:<package>` GGUF models.
 
 A build lock left behind by a process killed mid-build (torch's JIT loader takes a lock file per
 op, and every later load waits on it forever) is removed with a warning when it is older than any
@@ -34,6 +34,7 @@ def _ops_for(cfgs: Iterable[TrialConfig]) -> list[str]:
 
 
 def _hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
+    """Hub names to fetch and `pip:<package>` models to convert (not local folders)."""
     names = {c.model.name_or_path for c in cfgs if c.model.name_or_path}
     return sorted(n for n in names if not os.path.isdir(os.path.expanduser(n)))
 
@@ -80,7 +81,12 @@ def prepare_node(ops: list[str], models: list[str], max_lock_age_s: float = STAL
         try:
             from huggingface_hub import snapshot_download
 
-            snapshot_download(name)
+            from orchestrator.tasks import assets
+
+            if assets.is_packaged(name):
+                assets.model_path(name)  # an installed package's GGUF, dequantised once on this node
+            else:
+                snapshot_download(name)
             out["seconds"][name] = time.time() - started
         except Exception as e:  # noqa: BLE001
             out["failed"][name] = f"{type(e).__name__}: {e}"

@@ -308,6 +308,12 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
                       "use random or grid to compare several methods in one sweep")
     if spec.tune.search_alg == "optuna" and len(spec.tune.seeds) > 1:
         errors.append(f"tune.seeds={list(spec.tune.seeds)}: search_alg='optuna' runs one seed per suggestion; give one seed")
+    if spec.tune.search_alg == "optuna":
+        for method, entries in spec.methods.items():
+            for key, value in entries.items():
+                if space.is_distribution(value) and "grid" in value:
+                    errors.append(f"methods.{method}.{key}: search_alg=optuna samples its space and has no grid; "
+                                  "use choice for a set of values")
     if spec.tune.search_alg == "grid":
         for method, entries in spec.methods.items():
             for key, value in entries.items():

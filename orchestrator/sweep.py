@@ -115,6 +115,12 @@ def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
     return [TrialConfig.from_dict(t["trial"]) for t in spec.plan()]
 
 
+def max_reports(spec: SweepSpec) -> int:
+    """Reports (Tune's iterations) of the longest trial, ASHA's max_t: a method's own
+    train.max_steps / eval_every count, not only the file's."""
+    return max(max(1, math.ceil(c.train.max_steps / c.train.eval_every)) for c in trial_configs(spec))
+
+
 def storage_path(spec: SweepSpec) -> str:
     return spec.storage if "://" in spec.storage else os.path.abspath(os.path.expanduser(spec.storage))
 
@@ -127,8 +133,7 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
     t = spec.tune
     scheduler = FIFOScheduler()
     if t.scheduler == "asha":
-        reports = max(1, math.ceil(spec.train.max_steps / spec.train.eval_every))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=t.grace_period,
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_reports(spec), grace_period=t.grace_period,
                                   reduction_factor=t.reduction_factor)
     search_alg = None
     if t.search_alg == "optuna":
@@ -198,6 +203,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         plan = spec.plan() if spec.tune.search_alg != "optuna" else None
         parent = tracking.start_parent_run(spec, plan, uri, target)
         live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
+    elif track:
+        # The restored tracker logs under the first invocation's parent run; close that one at the end
+        # (it stayed RUNNING when the first driver was interrupted or killed).
+        parent = tracking.sweep_parent_run(uri, tracking.experiment_name(spec), spec.name)
     from orchestrator.nodes import prepare_nodes
 
     timeline.mark("tracking_s")

@@ -63,7 +63,7 @@ def load_model(cfg: TrialConfig, task):
     `deepspeed.zero.Init`), so a model that only fits sharded never exists whole on one worker."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from orchestrator.tasks import default_model_path
+    from orchestrator.tasks.assets import model_path
 
     if cfg.deepspeed.zero_stage == 3:
         import deepspeed
@@ -74,7 +74,7 @@ def load_model(cfg: TrialConfig, task):
         # transformers keeps a weak reference: this one lives as long as the trial (module level).
         global _zero3_loading
         _zero3_loading = HfDeepSpeedConfig(build_deepspeed_config(cfg))
-    path = cfg.model.name_or_path or str(default_model_path())
+    path = model_path(cfg.model.name_or_path)  # pip:<package>: converted once per node (nodes.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token

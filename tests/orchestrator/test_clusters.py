@@ -208,6 +208,21 @@ def test_estimate_cost_is_gpu_hours_per_trial_times_trials():
         cluster.estimate_cost(spec, 2.0, 0)
 
 
+def test_a_methods_own_budget_drives_the_cost_and_ashas_max_t():
+    import dataclasses
+
+    from orchestrator.sweep import max_reports
+
+    spec = quickstart_spec(num_workers=1, cpus_per_worker=4, gpus_per_worker=1)
+    methods = {**spec.methods, "lora": {**spec.methods["lora"], "train.max_steps": 10000}}
+    spec = dataclasses.replace(spec, methods=methods)
+    est = cluster.estimate_cost(spec, gpu_hour_usd=2.0, seconds_per_step=1.0)
+    others = len(spec.plan()) - 1
+    assert est.gpu_hours == pytest.approx((10000 + others * spec.train.max_steps) / 3600)  # not 3 x 60 steps
+    assert est.hours_per_trial == pytest.approx(10000 / 3600)
+    assert max_reports(spec) == 10000 // spec.train.eval_every  # ASHA's max_t: the longest trial's reports
+
+
 # ----------------------------------------------------------------------------- KubeRay
 
 

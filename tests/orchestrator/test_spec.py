@@ -78,6 +78,8 @@ def test_plan_is_deterministic_and_per_method(tmp_path):
         ({"resources": {"num_workers": 0}}, r"resources\.num_workers=0"),
         ({"colour": "blue"}, r"colour: unknown section"),
         ({"tune": {"search_alg": "optuna"}}, r"search_alg='optuna': needs one method"),
+        ({"methods": {"lora": {"r": {"grid": [4, 8]}}}, "tune": {"search_alg": "optuna", "seeds": [0]}},
+         r"methods\.lora\.r: search_alg=optuna samples its space and has no grid"),
     ],
 )
 def test_errors_name_file_line_key_and_expectation(tmp_path, patch, message):
