@@ -68,6 +68,9 @@ class TrainConfig:
     checkpoint_every: evaluations between checkpoints (0 = only at the end).
     keep_checkpoints: best N checkpoints kept (by the target metric).
     max_failures: worker-group restarts from the latest checkpoint before the trial fails.
+    stall_timeout_s: a worker that makes no progress (no step, evaluation or report) for this
+        long ends the attempt; the trial fails with reason `stalled` (see orchestrator/stall.py).
+        It also bounds setup (model load), so keep it above that; 0 = off.
     seed: model init, data order, sharding.
     """
 
@@ -84,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = dataclasses.field(default=1, metadata={"help": "evaluations between checkpoints, 0 = end only"})
     keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "best N checkpoints kept"})
     max_failures: int = dataclasses.field(default=1, metadata={"help": "worker restarts before failing"})
+    stall_timeout_s: float = dataclasses.field(default=3600.0, metadata={"help": "fail as stalled after this long without progress, 0 = off"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, data order, shards"})
 
     def __post_init__(self):
@@ -96,6 +100,8 @@ class TrainConfig:
         check(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", self.lr, "must be > 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check(isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s >= 0, "stall_timeout_s",
+              self.stall_timeout_s, "must be >= 0 seconds (0 = off)")
         check_choice("lr_schedule", self.lr_schedule, LrSchedule)
 
 

@@ -53,14 +53,17 @@ def trial_driver(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.trial import build_trainer
+    from orchestrator import stall
+    from orchestrator.trial import build_trainer, stall_marker
 
     cfg = TrialConfig.from_dict(config["run"]["trial"])
     target = Target(**config["target"])
     name = f"{config['sweep']}-{tune.get_context().get_trial_id()}"  # deterministic: restore finds it
-    trainer = build_trainer(cfg, target, os.path.join(config["storage"], "trials"), name,
-                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    storage = os.path.join(config["storage"], "trials")
+    trainer = build_trainer(cfg, target, storage, name, callbacks=[TuneReportCallback()])
+    marker = stall_marker(storage, name)
+    stall.clear(marker)
+    stall.fit(trainer, marker)  # a stalled trial fails with its reason; the sweep goes on
 
 
 def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None) -> str:
@@ -262,9 +265,10 @@ def interrupted(results, spec: SweepSpec) -> bool:
 
 
 def stop_reason(result) -> str:
-    """target_reached | budget | diverged (the trial says so) | early_stopped (ASHA) | error."""
+    """target_reached | budget | diverged (the trial says so) | early_stopped (ASHA) | stalled
+    (its watchdog fired) | error."""
     if result.error is not None:
-        return "error"
+        return "stalled" if "TrialStalled" in repr(result.error) or "stalled: rank" in str(result.error) else "error"
     m = result.metrics or {}
     return m.get("stop_reason") or "early_stopped"
 

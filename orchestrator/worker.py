@@ -32,7 +32,7 @@ import torch
 
 import methods
 from methods import collectives
-from orchestrator import cores, memory, report
+from orchestrator import cores, memory, report, stall
 from orchestrator.config import Target, TrialConfig
 from orchestrator.deepspeed_config import build_deepspeed_config, generated_optimizer, resolve_precision
 from orchestrator.tasks import get_task
@@ -223,6 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker_start_s = max(0.0, started - config["launched_at"]) if config.get("launched_at") and checkpoint is None else None
 
     # ---- setup: device, cores, model, data (this process's part; a restart adds its own)
+    watchdog = stall.Watchdog(cfg.train.stall_timeout_s, config.get("stall_marker"), rank)
     device = ray.train.torch.get_device()
     threads = pin_cores(cfg, device, name)
     atexit.register(cores.release)
@@ -281,6 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reports_since_checkpoint = 0
     stop_reason = None
     engine.train()
+    watchdog.beat("training")
     while state["step"] < cfg.train.max_steps and stop_reason is None:
         with clock("train_s"):
             for micro_step in range(cfg.train.grad_accum):
@@ -300,6 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window["samples"] += batch["input_ids"].shape[0]
                 window["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             state["step"] += 1
+            watchdog.beat(f"step {state['step']}")
             # Summed over ranks every step: all ranks must agree on divergence, or they would part ways.
             loss_sum, n, samples, tokens = collectives.all_reduce_values(
                 [window["loss"], window["n"], window["samples"], window["tokens"]])
@@ -315,8 +318,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["samples"] += int(samples)
         state["tokens"] += int(tokens)
         if stop_reason is None:
+            watchdog.beat(f"the evaluation at step {state['step']}")
             with clock("eval_s"):
                 metrics.update(task.evaluate(engine, eval_batches, tokenizer))
+            watchdog.beat(f"the report at step {state['step']}")
         else:  # diverged: the worst score, so that schedulers and summaries rank it last
             metrics[target.metric] = float("-inf") if target.mode == "max" else float("inf")
         elapsed = time.time() - clock_start
@@ -364,6 +369,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[trial] {shown}", flush=True)
         window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
         activations["peak"] = 0
+        watchdog.beat(f"training after step {state['step']}")
 
     collectives.barrier()  # leave together: a rank exiting early aborts the others
     cores.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -247,3 +248,40 @@ def test_generative_task_under_zero3_scores_generated_answers(ray_session, tmp_p
         assert r["exact_match"] == 0.0 and r["eval_loss"] > 0 and "time_to_quality_s" not in r
     assert reports[-1]["eval_loss"] < reports[0]["eval_loss"] + 1.0  # finite and sane
     assert reports[-1]["stop_reason"] == "budget"
+
+
+def test_a_frozen_worker_fails_the_trial_as_stalled_instead_of_hanging(ray_session, tmp_path):
+    """One of two workers frozen for real (SIGSTOP) after the first report: the other waits in its
+    next collective forever, until its watchdog ends the attempt; the trial fails as stalled."""
+    import signal
+
+    from orchestrator.stall import TrialStalled
+
+    cfg = trial_config(train={"max_steps": 500, "eval_every": 2, "stall_timeout_s": 15, "max_failures": 0,
+                              "checkpoint_every": 0})
+    frozen: list[int] = []
+
+    def freeze_after_first_report():
+        path = tmp_path / "frozen" / "reports.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not path.exists():
+            time.sleep(0.2)
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGSTOP)
+            frozen.append(pids[-1])
+
+    freezer = threading.Thread(target=freeze_after_first_report, daemon=True)
+    freezer.start()
+    started = time.time()
+    try:
+        with pytest.raises(TrialStalled, match=r"stalled: rank \d made no progress for \d+ s in .*stall_timeout_s=15"):
+            run_trial(cfg, str(tmp_path), "frozen")
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert frozen, "no worker was frozen"
+    assert time.time() - started < 240  # ended by the watchdog, not by any 10-minute default
+    reports = read_reports(str(tmp_path), "frozen")
+    assert reports and reports[-1]["step"] < 500  # what was reported before the stall is kept

