@@ -109,8 +109,15 @@ def cmd_sweep(args) -> int:
     from orchestrator import tracking
 
     tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
+    if args.cluster:
+        from orchestrator import cluster
+
+        try:
+            cluster.capacity(cluster.load_cluster(args.cluster))
+        except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"--cluster {args.cluster}: not a readable cluster file ({type(e).__name__}: {e})") from None
     init_ray(args.address, args.verbose, env_vars=worker_env(spec))
-    results, summary = run_sweep(spec, resume=args.resume)
+    results, summary = run_sweep(spec, resume=args.resume, cluster_file=args.cluster)
     from orchestrator import report
 
     columns = [k for k in report.COLUMNS if k not in ("step", "stop_reason")]
@@ -251,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     s.add_argument("--storage", help="override the file's storage folder or URI (s3://, gs://)")
+    s.add_argument("--cluster", help="the cluster's YAML (launcher or KubeRay RayCluster / RayJob): trials at once "
+                   "from its full size (on a launcher head, ~/ray_bootstrap_config.yaml is read by default)")
     s.add_argument("--verbose", action="store_true", help="stream the workers' logs (default: the live table only)")
     s.add_argument("--smoke-test", action="store_true", help="shrink steps, data and samples to a quick end-to-end run")
     s.set_defaults(fn=cmd_sweep)

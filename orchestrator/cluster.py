@@ -218,7 +218,10 @@ def _line_of(key: str, lines: dict[str, int]) -> int | None:
 def capacity(config: dict) -> dict[str, float]:
     """Each resource's most at once: the head plus worker nodes up to each type's `max_workers`
     and the global `max_workers` (the types richest in that resource first). Node types must list
-    their resources (the launcher can detect AWS ones; this cannot)."""
+    their resources (the launcher can detect AWS ones; this cannot). A KubeRay manifest: see
+    `kuberay_capacity`."""
+    if is_kuberay(config):
+        return kuberay_capacity(config)
     types, head = config["available_node_types"], config["head_node_type"]
     total = {k: float(v) for k, v in types[head].get("resources", {}).items()}
     workers = [t for name, t in types.items() if name != head]
@@ -228,6 +231,42 @@ def capacity(config: dict) -> dict[str, float]:
             n = min(t.get("max_workers", left), left)
             total[res] = total.get(res, 0.0) + n * t.get("resources", {}).get(res, 0)
             left -= n
+    return total
+
+
+def is_kuberay(config: dict) -> bool:
+    return isinstance(config, dict) and config.get("kind") in ("RayCluster", "RayJob")
+
+
+def _quantity(value) -> float:
+    """A Kubernetes quantity of CPUs or GPUs: 16, "16", "500m"."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def kuberay_capacity(manifest: dict) -> dict[str, float]:
+    """A KubeRay RayCluster's (or RayJob's rayClusterSpec's) resources at full scale: the head plus
+    every worker group at its `maxReplicas` (groups start at 0 replicas, so `ray.cluster_resources()`
+    alone would see no GPU). A pod's CPUs and GPUs come from `rayStartParams` (num-cpus, num-gpus,
+    resources), else from its first container's limits (cpu, nvidia.com/gpu), as KubeRay sets them."""
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+
+    def pod(group: dict) -> dict[str, float]:
+        params = group.get("rayStartParams") or {}
+        containers = group.get("template", {}).get("spec", {}).get("containers") or [{}]
+        res = containers[0].get("resources", {})
+        limits = {**res.get("requests", {}), **res.get("limits", {})}
+        out = {"CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+               "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+        if params.get("resources"):
+            out.update({k: float(v) for k, v in json.loads(str(params["resources"]).strip().strip("'\"").replace('\\"', '"')).items()})
+        return out
+
+    total = pod(spec["headGroupSpec"])
+    for group in spec.get("workerGroupSpecs", []):
+        n = group.get("maxReplicas", group.get("replicas", 0))
+        for k, v in pod(group).items():
+            total[k] = total.get(k, 0.0) + n * v
     return total
 
 
@@ -250,12 +289,14 @@ def max_concurrent_trials(spec, config: dict) -> int:
     return concurrency(spec, capacity(config))
 
 
-def driver_plan(spec, now: dict[str, float], bootstrap: str = BOOTSTRAP) -> tuple[dict[str, float], int]:
+def driver_plan(spec, now: dict[str, float], bootstrap: str = BOOTSTRAP,
+                cluster_file: str | None = None) -> tuple[dict[str, float], int]:
     """For `sweep.build_tuner`: what each trial driver asks for, and how many trials at once, given
     `ray.cluster_resources()`. On a launcher cluster's head (where the sweep driver runs) the size
     the autoscaler may reach counts, not only the nodes up when the sweep starts (often the head alone:
-    no GPU yet, which would cap the sweep at one trial at a time)."""
-    path = os.path.expanduser(bootstrap)
+    no GPU yet, which would cap the sweep at one trial at a time); `cluster_file` (`orchestrate
+    sweep --cluster`, e.g. a KubeRay manifest) says the same where there is no bootstrap file."""
+    path = os.path.expanduser(cluster_file or bootstrap)
     full = capacity(load_cluster(path)) if os.path.exists(path) else {}
     cap = {k: max(now.get(k, 0.0), full.get(k, 0.0)) for k in {*now, *full}}
     return driver_resources(cap), concurrency(spec, cap)
@@ -332,7 +373,7 @@ def cmd_cost(args) -> int:
     spec = load_sweep(args.file, validate_data=False)
     concurrency = args.concurrency
     if args.cluster:
-        errors = check_cluster_file(args.cluster)
+        errors = [] if is_kuberay(load_cluster(args.cluster)) else check_cluster_file(args.cluster)
         if errors:
             print("\n".join(errors), file=sys.stderr)
             return 2
@@ -351,7 +392,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--gpu-hour-usd", type=float, required=True, help="price of one GPU-hour")
     p.add_argument("--seconds-per-step", type=float, required=True, help="measured seconds per optimizer step")
     p.add_argument("--concurrency", type=int, help="trials at once (for the wall clock)")
-    p.add_argument("--cluster", help="cluster YAML: concurrency from what it can host at full scale")
+    p.add_argument("--cluster", help="cluster YAML (launcher or KubeRay): concurrency from what it can host at full scale")
     p.add_argument("--head-hour-usd", type=float, default=0.0, help="price of the head node per hour")
     p.set_defaults(fn=cmd_cost)
 

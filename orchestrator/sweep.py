@@ -128,7 +128,7 @@ def storage_path(spec: SweepSpec) -> str:
     return spec.storage if "://" in spec.storage else os.path.abspath(os.path.expanduser(spec.storage))
 
 
-def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = False):
+def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = False, cluster_file: str | None = None):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -147,7 +147,7 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
 
     # Drivers pinned to driver slots where the cluster defines them (the head, never a spot node);
     # concurrency from the size the autoscaler may reach, not only the nodes up right now.
-    driver_res, concurrent = driver_plan(spec, ray.cluster_resources())
+    driver_res, concurrent = driver_plan(spec, ray.cluster_resources(), cluster_file=cluster_file)
     trainable = tune.with_resources(trial_driver, driver_res)
     path = os.path.join(storage_path(spec), spec.name)
     if resume:
@@ -188,7 +188,8 @@ class Timeline:
         self.last = now
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False, track: bool = True):
+def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False, track: bool = True,
+              cluster_file: str | None = None):
     """Run (or resume) the sweep; returns (Tune's ResultGrid, summary). Ray must be initialised.
 
     With `track`, an MLflow parent run is opened first (a resumed sweep keeps its own: the tracker
@@ -215,7 +216,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     timeline.mark("tracking_s")
     prepare_nodes(trial_configs(spec), quiet=quiet)  # op builds and downloads outside every trial's clock
     timeline.mark("prepare_nodes_s")
-    tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume)
+    tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume, cluster_file=cluster_file)
     started = time.time()
     try:
         results = tuner.fit()

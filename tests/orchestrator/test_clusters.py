@@ -408,3 +408,68 @@ def test_multi_node_sweep_dispatch_concurrency_and_node_loss(tmp_path):
         assert r["failures"][trial] >= 1
     after = [(max(s, r["removed"]["done"]), e) for n, s, e in spans if e > r["removed"]["done"]]
     assert concurrent_max(after) <= FAKE_GPUS_PER_NODE  # one node left: its two fake GPUs
+
+
+def _two_node_cluster_sweep(sweep_file: str, out_path: str) -> None:
+    """In a fresh process: a head and a second raylet on this machine, then `orchestrate sweep
+    --address` of the real trial code against that cluster (its own driver process)."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": None})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    try:
+        cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", sweep_file, "--address", c.address]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+        with open(out_path, "w") as f:
+            json.dump({"rc": done.returncode, "out": done.stdout[-4000:], "err": done.stderr[-6000:]}, f)
+    finally:
+        c.shutdown()
+
+
+def test_a_real_trial_runs_its_deepspeed_group_across_two_nodes(tmp_path):
+    """Two raylets (one core each): a worker needs 0.6 CPU, so the trial's two DeepSpeed workers
+    can only run on different nodes; their gloo group spans the nodes, the trial reports from
+    both, and its results reach MLflow."""
+    sweep = tmp_path / "two-nodes.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "two-nodes", "data": {"name": "bbc_news", "max_train_samples": 64, "max_eval_samples": 16, "max_length": 32},
+        "target": {"metric": "eval_loss", "value": 0.01},
+        "train": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "lr": 2e-3, "checkpoint_every": 0},
+        "methods": {"lora": {"r": 4}}, "tune": {"num_samples": 1, "seeds": [0], "scheduler": "fifo"},
+        "resources": {"num_workers": 2, "cpus_per_worker": 0.6}, "storage": str(tmp_path / "runs")}))
+    ray_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
+    out = tmp_path / "out.json"
+    code = "import sys; from tests.orchestrator.test_clusters import _two_node_cluster_sweep as f; f(sys.argv[1], sys.argv[2])"
+    proc = subprocess.run([sys.executable, "-c", code, str(sweep), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0 and out.exists(), f"Ray's logs: {ray_tmp}\n{proc.stderr[-4000:]}"
+    r = json.loads(out.read_text())
+    assert r["rc"] == 0, r["out"] + r["err"]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = json.loads((tmp_path / "runs" / "two-nodes" / "summary.json").read_text())
+    (trial,) = summary["trials"]
+    assert trial["status"] == "TERMINATED" and trial["step"] == 4
+    results = [json.loads(line) for f in (tmp_path / "runs" / "two-nodes").glob("*/result.json")
+               for line in f.read_text().splitlines() if line.strip()]
+    assert [x["num_nodes"] for x in results] == [2, 2]  # both reports: the group spanned the two nodes
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    exp = client.get_experiment_by_name("two-nodes").experiment_id
+    (run,) = client.search_runs([exp], "tags.orchestrator.kind = 'trial'")
+    assert run.data.metrics["num_nodes"] == 2 and run.info.status == "FINISHED"
+
+
+def test_kuberay_concurrency_comes_from_the_worker_groups_max_replicas():
+    """The GPU groups start at 0 replicas: concurrency from maxReplicas, capped by the driver slots."""
+    raycluster = cluster.load_cluster(os.path.join(ROOT, "clusters/kuberay/raycluster.yaml"))
+    assert cluster.capacity(raycluster) == {"CPU": 16 + 8 * 7 + 2 * 90, "GPU": 8 + 2 * 8, "trial_driver": 16}
+    gpu = quickstart_spec(num_workers=1, cpus_per_worker=4, gpus_per_worker=1)
+    assert cluster.concurrency(gpu, cluster.capacity(raycluster)) == 16  # 24 GPUs, but 16 driver slots
+    assert cluster.driver_plan(gpu, {"CPU": 16.0, "trial_driver": 16.0},
+                               cluster_file=os.path.join(ROOT, "clusters/kuberay/rayjob.yaml"))[1] == 8  # the job's 8 GPUs
+    assert cluster.driver_plan(gpu, {"CPU": 16.0, "trial_driver": 16.0}, bootstrap="/nonexistent")[1] == 1  # what it saw
