@@ -561,6 +561,8 @@ def sync_from_storage(path: str, uri: str, experiment: str | None = None) -> dic
     logged, so running it twice, or after a partly logged sweep, duplicates nothing."""
     from mlflow import MlflowClient
 
+    if "://" in path:  # s3://, gs://: read through the same filesystem layer as the summary's writer
+        path = _local_copy(path)
     sweep_dir = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     summary = _read(os.path.join(sweep_dir, "summary.json")) or {}
     sweep = os.path.basename(sweep_dir)  # Tune's experiment folder is named after the sweep
@@ -594,6 +596,32 @@ def sync_from_storage(path: str, uri: str, experiment: str | None = None) -> dic
         client.log_dict(parent, summary, "summary.json")
         client.set_terminated(parent, "FINISHED")
     return counts
+
+
+SYNC_FILES = ("summary.json", "result.json", "params.json", "error.txt")  # what sync reads; no checkpoints
+
+
+def _local_copy(uri: str) -> str:
+    """The files sync reads from a sweep folder at `uri`, copied through pyarrow's filesystem
+    (what Ray and `sweep.write_summary` use for s3:// and gs://) into a temporary local folder of
+    the same name. Checkpoints stay where they are: their adapters are logged from local storage only."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri.rstrip("/"))
+    dest = os.path.join(tempfile.mkdtemp(prefix="sync-"), os.path.basename(root))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise ConfigError(f"{uri}: cannot list the sweep's folder ({e})") from None
+    for info in infos:
+        if info.type == pafs.FileType.File and os.path.basename(info.path) in SYNC_FILES:
+            local = os.path.join(dest, os.path.relpath(info.path, root))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(local, "wb") as out:
+                out.write(src.read())
+    return dest
 
 
 def _stored_target(trials: list[dict]) -> dict:

@@ -370,6 +370,17 @@ def test_sync_is_idempotent(logged_sweep):
     assert failed["info"]["status"] == "FAILED" and kv(failed, "tags")["stop_reason"] == "error"
 
 
+def test_sync_reads_bucket_storage_through_pyarrow(logged_sweep):
+    """s3:// and gs:// go through pyarrow's filesystem; file:// is that same code path, locally."""
+    url, sweep_dir = logged_sweep["url"], logged_sweep["sweep_dir"]
+    counts = tracking.sync_from_storage(f"file://{sweep_dir}", url, experiment="demo-bucket")
+    assert counts == {"trials": 8, "created": 8, "reports_logged": 16}
+    again = tracking.sync_from_storage(f"file://{sweep_dir}/", url, experiment="demo-bucket")
+    assert again == {"trials": 8, "created": 0, "reports_logged": 0}  # idempotent there too
+    with pytest.raises(ConfigError, match="no Tune trial folders"):
+        tracking.sync_from_storage(f"file://{sweep_dir}-missing", url, experiment="demo-bucket")
+
+
 def test_sync_completes_a_partly_logged_sweep(logged_sweep, tmp_path):
     """MLflow went away after each trial's first report: sync adds the rest and ends every run."""
     import dataclasses
