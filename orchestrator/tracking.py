@@ -612,7 +612,7 @@ def _local_copy(uri: str) -> str:
     fs, root = pafs.FileSystem.from_uri(uri.rstrip("/"))
     dest = os.path.join(tempfile.mkdtemp(prefix="sync-"), os.path.basename(root))
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise ConfigError(f"{uri}: cannot list the sweep's folder ({e})") from None
     for info in infos:

@@ -370,6 +370,40 @@ def test_sync_is_idempotent(logged_sweep):
     assert failed["info"]["status"] == "FAILED" and kv(failed, "tags")["stop_reason"] == "error"
 
 
+def test_mlflow_server_killed_mid_sweep_then_restarted_loses_nothing(logged_sweep, tmp_path, monkeypatch):
+    """A real server killed (SIGKILL) after the parent run was opened and while trials report; the
+    sweep goes on (the tracker only counts its failures); the server restarted on its store, `sync`
+    logs every trial once and closes the parent run."""
+    import signal
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port, store = free_port(), str(tmp_path / "store" / "mlflow.db")
+    os.makedirs(os.path.dirname(store))
+    url = f"http://127.0.0.1:{port}"
+    proc = tracking.start_server(store, port)
+    tracking.wait_for_server(url, proc, timeout_s=300)
+    spec = logged_sweep["spec"]
+    parent = tracking.start_parent_run(spec, spec.plan(), url, target=TARGET)
+    tracker = tracking.MlflowTracker(url, "demo", parent, TARGET, flush_timeout_s=20)
+    os.killpg(proc.pid, signal.SIGKILL)  # no shutdown: the server is just gone
+    proc.wait(timeout=30)
+    run = run_fake_sweep(spec, url, str(tmp_path / "runs"), logged_sweep["adapter"], prefix="kill0", tracker=tracker)
+    assert tracker.failures > 0  # it noticed, and the sweep still finished: its storage has everything
+    proc = tracking.start_server(store, port)
+    try:
+        tracking.wait_for_server(url, proc, timeout_s=300)
+        counts = tracking.sync_from_storage(run["sweep_dir"], url, experiment="demo")
+        assert counts["trials"] == 8 and counts["reports_logged"] == 16
+        exp = experiment_id(url, "demo")
+        children = search(url, exp, f"tags.mlflow.parentRunId = '{parent}'")
+        assert sorted(kv(r, "tags")["trial_id"] for r in children) == sorted(e["trial_id"] for e in run["expected"].values())
+        assert api(url, "runs/get", run_id=parent)["run"]["info"]["status"] == "FINISHED"
+        assert tracking.sync_from_storage(run["sweep_dir"], url, experiment="demo")["reports_logged"] == 0
+        assert len(search(url, exp)) == 9  # a parent and 8 children: nothing twice
+    finally:
+        tracking.stop_server(proc)
+
+
 def test_sync_reads_bucket_storage_through_pyarrow(logged_sweep):
     """s3:// and gs:// go through pyarrow's filesystem; file:// is that same code path, locally."""
     url, sweep_dir = logged_sweep["url"], logged_sweep["sweep_dir"]
