@@ -55,12 +55,18 @@ def print_plan(spec) -> None:
     print(f"sweep {spec.name}: target {spec.resolve_target()}")
     print(f"resources per trial: {r.num_workers} worker(s) x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU); "
           f"scheduler {spec.tune.scheduler}, search {spec.tune.search_alg}, seeds {list(spec.tune.seeds)}")
+    from orchestrator.spec import sampled
+
+    plan = spec.plan() if spec.tune.search_alg != "optuna" else []
     for method, entries in spec.methods.items():
-        print(f"  {method}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in entries.items()) or "defaults"))
+        line = f"  {method}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in entries.items()) or "defaults")
+        if plan:
+            n = sum(t["method"] == method for t in plan)
+            line += f"  [{n} trial(s){'' if sampled(entries) or spec.tune.num_samples == 1 else ': no sampled value, so num_samples does not apply'}]"
+        print(line)
     if spec.tune.search_alg == "optuna":
         print(f"{spec.tune.num_samples} trial(s) suggested by Optuna")
         return
-    plan = spec.plan()
     print(f"{len(plan)} trial(s):")
     for t in plan:
         print(f"  {trial_name(t['trial'], t['point'])}")

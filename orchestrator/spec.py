@@ -128,13 +128,17 @@ class SweepSpec:
         """Every trial the sweep will run (random/grid): method, point, seed, trial dict."""
         trials = []
         for i, (method, entries) in enumerate(self.methods.items()):
-            sampled = any(space.is_distribution(v) and "grid" not in v for v in entries.values())
-            samples = self.tune.num_samples if sampled and self.tune.search_alg != "grid" else 1
+            samples = self.tune.num_samples if sampled(entries) and self.tune.search_alg != "grid" else 1
             for point in space.expand(entries, samples, seed=hash_name(self.name, method)):
                 for seed in self.tune.seeds:
                     trials.append({"method": method, "point": point, "seed": seed,
                                    "trial": self.trial_dict(method, point, seed)})
         return trials
+
+
+def sampled(entries: dict[str, Any]) -> bool:
+    """Whether a method's space has a value to sample (a distribution other than a grid)."""
+    return any(space.is_distribution(v) and "grid" not in v for v in entries.values())
 
 
 def hash_name(*parts: str) -> int:
@@ -314,6 +318,16 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
                 if space.is_distribution(value) and "grid" in value:
                     errors.append(f"methods.{method}.{key}: search_alg=optuna samples its space and has no grid; "
                                   "use choice for a set of values")
+    if spec.tune.num_samples > 1 and spec.tune.search_alg != "optuna":
+        # num_samples draws from the methods' distributions (a method without any runs its fixed and
+        # grid values once per seed, as `--dry-run` shows); with none anywhere it would change nothing.
+        if spec.tune.search_alg == "grid":
+            errors.append(f"tune.num_samples={spec.tune.num_samples}: search_alg=grid runs each grid point once per "
+                          "seed; set num_samples: 1 (seeds are the repeats)")
+        elif not any(sampled(entries) for entries in spec.methods.values()):
+            errors.append(f"tune.num_samples={spec.tune.num_samples}: no method has a sampled value (only fixed and "
+                          "grid values), so every sample would be the same trial; set num_samples: 1 (seeds are "
+                          "the repeats) or give a method a distribution")
     if spec.tune.search_alg == "grid":
         for method, entries in spec.methods.items():
             for key, value in entries.items():
