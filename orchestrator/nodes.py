@@ -40,6 +40,7 @@ def _hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
 
 
 STALE_LOCK_S = 15 * 60  # a CPU op builds in ~1-2 min; a lock this old has no live builder
+PREPARE_TIMEOUT_S = 30 * 60  # op builds and downloads of every node, at most (a 70B download fits)
 
 
 def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> str | None:
@@ -106,8 +107,18 @@ def prepare_nodes(cfgs: Iterable[TrialConfig], quiet: bool = False) -> list[dict
     env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     started = time.time()
-    results = ray.get([task.options(runtime_env=env, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-                       .remote(ops, models) for n in nodes])
+    refs = [task.options(runtime_env=env, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+            .remote(ops, models) for n in nodes]
+    # Bounded: a node stuck here (a build lock younger than STALE_LOCK_S that nobody holds, a hub
+    # that never answers) must not hold the sweep; its trials meet the same problem under their
+    # stall watchdog, which fails them with the reason.
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=PREPARE_TIMEOUT_S)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    results = ray.get(done)
+    if pending:
+        print(f"warning: {len(pending)} node(s) not prepared within {PREPARE_TIMEOUT_S:.0f} s (DeepSpeed op build or "
+              "model download stuck); their trials will try again", file=sys.stderr, flush=True)
     if not quiet:
         failed = {f"{r['node']}:{k}": v for r in results for k, v in r["failed"].items()}
         print(f"prepared {len(nodes)} node(s) in {time.time() - started:.0f} s (DeepSpeed ops {', '.join(ops)}"
