@@ -269,7 +269,7 @@ def stop_reason(result) -> str:
     """target_reached | budget | diverged (the trial says so) | early_stopped (ASHA) | stalled
     (its watchdog fired) | error."""
     if result.error is not None:
-        return "stalled" if "TrialStalled" in repr(result.error) or "stalled: rank" in str(result.error) else "error"
+        return "stalled" if "TrialStalled" in f"{result.error!r} {result.error}" else "error"
     m = result.metrics or {}
     return m.get("stop_reason") or "early_stopped"
 

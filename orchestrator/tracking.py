@@ -479,7 +479,9 @@ class MlflowTracker(Callback):
         self._submit(self._end, *self._who(trial), "TERMINATED", stop_reason, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._submit(self._end, *self._who(trial), "ERROR", "error", _error_text(trial))
+        text = _error_text(trial)
+        reason = "stalled" if "TrialStalled" in text else "error"  # the same rule as sweep.stop_reason
+        self._submit(self._end, *self._who(trial), "ERROR", reason, text)
 
     def on_experiment_end(self, trials, **info):
         if not self.flush():
