@@ -202,6 +202,7 @@ def build_engine(model, cfg: TrialConfig):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from deepspeed.utils import safe_get_full_grad
@@ -263,7 +264,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             methods.apply_method(model, method_cfg, batches=grad_batches, modules_to_save=modules_to_save,
                                  loss_fn=loss_fn, defer_init=deferred)
     trainable, total = methods.count_parameters(model)
-    (last_node,) = collectives.all_reduce_values([ray.train.get_context().get_node_rank()], op="max")
+    # Ray's node ids, not Train's node ranks: those group workers by IP (raylets sharing a host count once).
+    num_nodes = len(set(collectives.all_gather_object(ray.get_runtime_context().get_node_id())))
 
     # ---- DeepSpeed engine (setup: any op it builds is a cost of the machine, not of the method)
     with clock("setup_s"):
@@ -340,7 +342,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": samples / max(now - window["t"], 1e-9), "tokens_per_s": tokens / max(now - window["t"], 1e-9),
             "elapsed_s": elapsed, **clock.parts, "trainable_params": trainable, "total_params": total,
             **memory_report(engine, cfg, device, activations["peak"], rss_base),
-            "concurrent_trials": int(contention), "cpu_threads": threads, "num_nodes": int(last_node) + 1,
+            "concurrent_trials": int(contention), "cpu_threads": threads, "num_nodes": num_nodes,
             "target_metric": target.metric, "target": target.value, "target_reached": state["reached"] is not None,
             "done": stop_reason is not None, "stop_reason": stop_reason or "",
             "lr": engine.get_lr()[0] if engine.get_lr() else cfg.train.lr,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import sys
 
 from orchestrator.config import Target
@@ -50,7 +51,10 @@ def test_one_table_redrawn_in_place_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stdout", tty)
     drive(LiveTable(Target("accuracy", 0.75, "max"), every_s=0))
     tty.flush()
-    written = os.read(master, 1 << 16).decode()
+    chunks = []
+    while select.select([master], [], [], 0.2)[0]:  # a pty hands its buffer out in pieces
+        chunks.append(os.read(master, 1 << 16))
+    written = b"".join(chunks).decode()
     tty.close()
     os.close(master)
     tables = written.count("trials done")
