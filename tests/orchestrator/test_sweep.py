@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import load_sweep
+from orchestrator.spec import TrackingSettings, load_sweep
 from orchestrator.sweep import run_sweep
 from tests.orchestrator.test_tracking import artifacts, experiment_id, history, kv, mlflow_server, search  # noqa: F401
 
@@ -46,6 +46,51 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_session, mlflow_server, tmp_path):
+    import dataclasses
+
+    spec = load_sweep(str(write_sweep(tmp_path)))
+    spec = dataclasses.replace(spec, tracking=TrackingSettings(uri=mlflow_server, experiment="e2e-sweep"))
+    results, summary = run_sweep(spec, quiet=True)
+    trials = {t["name"]: t for t in summary["trials"]}
+    assert len(trials) == 4
+    failed = [t for t in trials.values() if t["status"] == "ERROR"]
+    assert [t["name"] for t in failed] == ["boft-b4-batch_size256-seed0"]
+    assert "fewer than one micro batch" in failed[0]["error"] or "micro batch" in str(results.errors[0])
+    ok = [t for t in trials.values() if t["status"] == "TERMINATED"]
+    assert len(ok) == 3 and all(t["metric"] is not None and t["step"] for t in ok)
+    reasons = {t["stop_reason"] for t in ok}
+    assert "early_stopped" in reasons, f"ASHA stopped nothing: {trials}"
+    assert "budget" in reasons
+    assert set(summary["best"]) == {"lora", "boft"}
+    on_disk = json.loads((tmp_path / "runs" / "e2e" / "summary.json").read_text())
+    assert len(on_disk["trials"]) == 4
+
+    # What a person sees in the MLflow UI, read back through the server's REST API
+    exp = experiment_id(mlflow_server, "e2e-sweep")
+    runs = search(mlflow_server, exp)
+    (parent,) = [r for r in runs if kv(r, "tags").get("orchestrator.kind") == "sweep"]
+    children = [r for r in runs if kv(r, "tags").get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    by_name = {r["info"]["run_name"]: r for r in children}
+    assert set(by_name) == set(trials)
+    assert by_name["boft-b4-batch_size256-seed0"]["info"]["status"] == "FAILED"
+    for name, t in trials.items():
+        run = by_name[name]
+        params, tags = kv(run, "params"), kv(run, "tags")
+        assert params["method"] == t["method"] and params["seed"] == "0"
+        assert tags["stop_reason"] == t["stop_reason"]
+        if t["status"] == "TERMINATED":
+            assert run["info"]["status"] == "FINISHED"
+            steps = [m["step"] for m in history(mlflow_server, run["info"]["run_id"], "eval_loss")]
+            assert steps and steps == sorted(steps) and steps[-1] == t["step"]
+            if t["stop_reason"] == "budget":  # checkpoint_every: 0 -> only a finished trial has one
+                assert "adapter" in artifacts(mlflow_server, run["info"]["run_id"])
+    assert trials["lora-r4-lr1e-06-seed0"]["stop_reason"] == "early_stopped"
+    assert kv(by_name["lora-r4-lr0.003-seed0"], "params")["rank"] == "4"
+    report = artifacts(mlflow_server, parent["info"]["run_id"], "report")
+    assert {"report/curves.png", "report/pareto.png", "report/compare.csv"} <= set(report)
 
 
 def _results(sweep_dir: Path) -> dict[str, list[dict]]:
@@ -138,65 +183,20 @@ def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
 
 @pytest.fixture(scope="module")
 def seeded_sweep(ray_session, mlflow_server, tmp_path_factory):  # noqa: F811
-    """One real ASHA sweep, tracked in a real MLflow server, that the tests below read: 3 seeds of
-    LoRA at a working learning rate, 3 of BOFT at one too small to move the loss (its seeds differ
-    only by their classifier heads' random initialisation, and ASHA stops them at the first rung,
-    behind LoRA), and a trial that fails in its worker (64 examples, fewer than one micro batch of
-    256: validation, which reads no data, passes it). Two trials at a time, one pinned core each;
-    the target is out of reach, so ASHA and the budget end the trials."""
+    """A real sweep of 3 seeds x 2 methods, 10 short steps each, tracked in a real MLflow server: LoRA at
+    a working learning rate, BOFT at one too small to move the loss, so its seeds differ only by
+    their classifier heads' random initialisation."""
     tmp = tmp_path_factory.mktemp("seeded")
     path = write_sweep(tmp, name="seeded",
                        data={"name": "bbc_news", "max_train_samples": 64, "max_eval_samples": 32, "max_length": 32},
-                       train={"max_steps": 10, "batch_size": 8, "eval_every": 5, "lr": 2e-2, "checkpoint_every": 1},
-                       methods={"lora": {"r": 4}, "boft": {"block_size": 4, "train.lr": 1e-7},
-                                "unitary": {"train.batch_size": 256}},
-                       tune={"num_samples": 1, "seeds": [0, 1, 2], "scheduler": "asha", "grace_period": 1,
-                             "reduction_factor": 2},
+                       train={"max_steps": 10, "batch_size": 8, "eval_every": 5, "lr": 2e-2, "checkpoint_every": 0},
+                       methods={"lora": {"r": 4}, "boft": {"block_size": 4, "train.lr": 1e-7}},
+                       tune={"num_samples": 1, "seeds": [0, 1, 2], "scheduler": "fifo"},
                        tracking={"uri": mlflow_server, "experiment": "seeded"})
     spec = load_sweep(str(path))
-    results, summary = run_sweep(spec, quiet=True)
-    return {"path": path, "spec": spec, "summary": summary, "url": mlflow_server, "results": results, "tmp": tmp}
-
-
-def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(seeded_sweep):
-    summary, url = seeded_sweep["summary"], seeded_sweep["url"]
-    trials = {t["name"]: t for t in summary["trials"]}
-    assert len(trials) == 9
-    failed = [t for t in trials.values() if t["status"] == "ERROR"]
-    assert sorted(t["name"] for t in failed) == [f"unitary-batch_size256-seed{i}" for i in range(3)]
-    assert all("micro batch" in t["error"] for t in failed), failed
-    ok = [t for t in trials.values() if t["status"] == "TERMINATED"]
-    assert len(ok) == 6 and all(t["metric"] is not None and t["step"] for t in ok)
-    reasons = {t["name"]: t["stop_reason"] for t in ok}
-    # BOFT (loss ~1.60) reaches rung 1 behind LoRA's ~1.2-1.57; the later BOFT seeds meet more LoRA values there
-    assert "early_stopped" in {reasons[f"boft-b4-lr1e-07-seed{i}"] for i in (1, 2)}, reasons
-    assert "budget" in reasons.values()
-    assert set(summary["best"]) == {"lora", "boft"}
-    on_disk = json.loads((seeded_sweep["tmp"] / "runs" / "seeded" / "summary.json").read_text())
-    assert len(on_disk["trials"]) == 9
-
-    # What a person sees in the MLflow UI, read back through the server's REST API
-    exp = experiment_id(url, "seeded")
-    runs = search(url, exp)
-    (parent,) = [r for r in runs if kv(r, "tags").get("orchestrator.kind") == "sweep"]
-    children = [r for r in runs if kv(r, "tags").get("mlflow.parentRunId") == parent["info"]["run_id"]]
-    by_name = {r["info"]["run_name"]: r for r in children}
-    assert set(by_name) == set(trials)
-    for name, t in trials.items():
-        run = by_name[name]
-        params, tags = kv(run, "params"), kv(run, "tags")
-        assert params["method"] == t["method"] and params["seed"] == name[-1]
-        assert tags["stop_reason"] == t["stop_reason"]
-        if t["status"] == "ERROR":
-            assert run["info"]["status"] == "FAILED" and "micro batch" in tags["error"]
-            continue
-        assert run["info"]["status"] == "FINISHED"
-        steps = [m["step"] for m in history(url, run["info"]["run_id"], "eval_loss")]
-        assert steps and steps == sorted(steps) and steps[-1] == t["step"]
-        assert "adapter" in artifacts(url, run["info"]["run_id"])  # a checkpoint at every report
-    assert kv(by_name["lora-r4-seed0"], "params")["rank"] == "4"
-    report = artifacts(url, parent["info"]["run_id"], "report")
-    assert {"report/curves.png", "report/pareto.png", "report/compare.csv"} <= set(report)
+    _, summary = run_sweep(spec, quiet=True)
+    assert len(summary["trials"]) == 6 and all(t["status"] == "TERMINATED" for t in summary["trials"]), summary["trials"]
+    return {"path": path, "spec": spec, "summary": summary, "url": mlflow_server}
 
 
 def test_compare_on_real_runs_counts_the_seeds_that_never_reached(seeded_sweep):
@@ -214,10 +214,9 @@ def test_compare_on_real_runs_counts_the_seeds_that_never_reached(seeded_sweep):
     report = compare(url, "seeded", target_value=value)
     m = report["methods"]
     assert (m["lora"]["reached"], m["lora"]["seeds"], m["boft"]["reached"], m["boft"]["seeds"]) == (3, 3, 1, 3)
-    assert (m["unitary"]["reached"], m["unitary"]["failed"]) == (0, 3)
     assert m["boft"]["train_time_to_quality_s"] == math.inf and math.isfinite(m["lora"]["train_time_to_quality_s"])
     assert m["boft"]["ttq_min"] is not None  # its one reaching seed's time is kept as the spread
-    assert report["ranking"] == ["lora", "boft", "unitary"]  # unitary: every seed failed
+    assert report["ranking"] == ["lora", "boft"]
     shown = table(report)
     assert "1/3" in shown and "3/3" in shown and "inf [" in shown and "target changed" in shown
     # The sweep's own (unreachable) target: nobody reached, and the report says so.
@@ -256,7 +255,7 @@ def test_mlflow_lists_the_best_models_and_the_training_data(seeded_sweep, tmp_pa
     tags = {t["key"]: t["value"] for t in api(url, "experiments/get", experiment_id=exp)["experiment"]["tags"]}
     assert tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     runs = {r["info"]["run_name"]: r for r in search(url, exp, "tags.orchestrator.kind = 'trial'")}
-    assert len(runs) == 9
+    assert len(runs) == 6
     for run in runs.values():  # the runs table's Dataset column
         (inp,) = run["inputs"]["dataset_inputs"]
         assert inp["dataset"]["name"] == "bbc_news" and len(inp["dataset"]["digest"]) == 10
