@@ -22,11 +22,6 @@ from orchestrator.config import Target, TrialConfig, validate_trial
 
 REPORTS_FILE = "reports.jsonl"
 COLLECTIVE_TIMEOUT_S = 4 * 3600  # see build_trainer
-# Ray Train's controller polls its workers every 2 s by default: every report, and the end of
-# every trial, waits for the next poll (~4-5 s of a short trial, measured in benchmarks/overhead.py).
-# A poll is one small RPC per worker, cheap beside a training step; a value the user set wins.
-# Ray Train copies the variable from the process that calls fit() to its controller.
-HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def _report_log_callback(path: str):
@@ -51,7 +46,6 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
 
     from orchestrator.worker import train_loop_per_worker
 
-    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
     res = cfg.resources
     storage_path = os.path.abspath(os.path.expanduser(storage_path)) if "://" not in storage_path else storage_path
     per_worker = {"CPU": res.cpus_per_worker}
