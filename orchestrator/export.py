@@ -236,6 +236,11 @@ def to_peft(trained: nn.Module, base: nn.Module):
 # ----------------------------------------------------------------------------- the command
 
 
+def base_model_name(cfg: TrialConfig) -> str:
+    """How exports and logged models name the base model."""
+    return cfg.model.name_or_path or "sentence-transformers/all-MiniLM-L6-v2 (bundled)"
+
+
 def check_same(expected: torch.Tensor, got: torch.Tensor, what: str) -> float:
     diff = float((expected - got).abs().max())
     if not diff <= ATOL:
@@ -262,7 +267,7 @@ def export(source: str, out: str, fmt: Format, cfg: TrialConfig | None = None) -
         diff = check_same(expected, logits(model, tokenizer), "the merged model")
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"format": fmt, "method": cfg.method.name, "base_model": cfg.model.name_or_path or "bundled all-MiniLM-L6-v2",
+    info = {"format": fmt, "method": cfg.method.name, "base_model": base_model_name(cfg),
             "path": os.path.abspath(out), "max_logit_diff": diff}
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump({**info, "trial": cfg.to_dict()}, f, indent=2)

@@ -76,10 +76,13 @@ def log_model(client, experiment_id: str, run_id: str, trial: dict[str, Any]) ->
     """The trial's model as a LoggedModel of its run (READY once its files are uploaded)."""
     from mlflow.entities import LoggedModelOutput
 
+    from orchestrator.config import TrialConfig
+    from orchestrator.export import base_model_name
+
     cfg = trial["config"]
     with tempfile.TemporaryDirectory() as d:
         fmt = _export_folder(trial["checkpoint"], d)
-        base = cfg["model"]["name_or_path"] or "sentence-transformers/all-MiniLM-L6-v2 (bundled)"
+        base = base_model_name(TrialConfig.from_dict(cfg))
         model = client.create_logged_model(
             experiment_id, name=f"{trial['method']}-best", source_run_id=run_id,
             tags={"method": trial["method"], "base_model": base, "format": fmt, "trial": trial["name"]},

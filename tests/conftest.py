@@ -47,13 +47,10 @@ def _compiler_env_restored():
     never restores them (its `patch_environment` in peft/tuners/boft/layer.py has no `finally`).
     Every process started later (Ray, its workers) would inherit CXX=gcc, and DeepSpeed's CPU op,
     built with `c++` elsewhere, would be rebuilt (about a minute) at every switch."""
-    before = {k: os.environ.get(k) for k in ("CC", "CXX")}
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    from orchestrator.export import _compiler_env
+
+    with _compiler_env():
+        yield
 
 def run_ranks(worker, args: tuple = (), world: int = 2, deadline_s: float = 300) -> None:
     """worker(rank, world, *args) in `world` processes joined in one gloo group on loopback, with
