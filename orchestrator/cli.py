@@ -31,7 +31,9 @@ def cmd_validate(args) -> int:
 
 
 def smoke(spec):
-    """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs."""
+    """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs: every method of
+    the file, its first seed, 4 steps on a little data, one worker per trial so that trials run side
+    by side. It checks that each method runs on this model and task; its times mean nothing."""
     from orchestrator.tasks import get_task
 
     r = dataclasses.replace
@@ -45,7 +47,9 @@ def smoke(spec):
     if generative:
         data = r(data, max_new_tokens=min(spec.data.max_new_tokens or task.default_max_new_tokens, 16))
     return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 4), eval_every=2), data=data,
-             tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]))
+             tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]),
+             # 0.49 CPU: one pinned core (orchestrator.cores), so two trials share a 2-core machine
+             resources=r(spec.resources, num_workers=1, cpus_per_worker=min(spec.resources.cpus_per_worker, 0.49)))
 
 
 def print_plan(spec) -> None:
@@ -267,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", help="the cluster's YAML (launcher or KubeRay RayCluster / RayJob): trials at once "
                    "from its full size (on a launcher head, ~/ray_bootstrap_config.yaml is read by default)")
     s.add_argument("--verbose", action="store_true", help="stream the workers' logs (default: the live table only)")
-    s.add_argument("--smoke-test", action="store_true", help="shrink steps, data and samples to a quick end-to-end run")
+    s.add_argument("--smoke-test", action="store_true", help="every method once, 4 steps on a little data, 1 worker per trial: a quick end-to-end check")
     s.set_defaults(fn=cmd_sweep)
     c = sub.add_parser("compare", help="per-method table, ratios to full fine-tuning, plots (from MLflow)")
     c.add_argument("file")

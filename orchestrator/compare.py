@@ -273,8 +273,8 @@ def pareto_front(points: list[tuple[float, float]], mode: str) -> list[tuple[flo
 
 
 def plot_pareto(report: dict, path: str) -> None:
-    fig, ax = _figure()
     """Final quality against peak memory per finished trial; the front joins the undominated ones."""
+    fig, ax = _figure()
     ok = [t for t in report["trials"] if not t["failed"] and None not in (t["peak_memory_mb"], t["final_metric"])]
     colors = _colors(report)
     for m in sorted({t["method"] for t in ok}):

@@ -12,7 +12,7 @@ exact match: the first word written, lower-cased and stripped of punctuation, eq
 the corpus task's own (same `data.seed`, same held-out articles as the encoder sees).
 
 The prompt keeps the first `PROMPT_CHARS` characters of the text (a BBC article runs to thousands;
-its title and first lines name the topic), so max_length stays small on CPU.
+its title and first words name the topic), so max_length stays small on CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .classification import ClassificationTask
 from .corpora import CORPUS_TASKS
 from .generation import GenerativeTask
 
-PROMPT_CHARS = 400
+PROMPT_CHARS = 100
 
 
 class LabelsAsAnswersTask(GenerativeTask):

@@ -1,0 +1,59 @@
+"""Every shipped sweep file's plan, pinned: `orchestrate sweep FILE --dry-run` output, trial names
+and MLflow parameters (names and values) must not change by accident.
+
+A deliberate change rewrites the pin and shows up in review as a diff of data/pinned_plans.json:
+
+    python -m tests.orchestrator.test_pinned_plans
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+
+import pytest
+
+from orchestrator.cli import print_plan
+from orchestrator.spec import load_sweep
+from orchestrator.sweep import trial_name
+from orchestrator.tracking import trial_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pinned_plans.json")
+FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "search_spaces", "**", "*.yaml"), recursive=True))
+
+
+def plan_of(rel: str) -> dict:
+    spec = load_sweep(os.path.join(ROOT, rel))
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        print_plan(spec)
+    target = dict(metric=(t := spec.resolve_target()).metric, mode=t.mode, value=t.value)
+    trials = spec.plan() if spec.tune.search_alg != "optuna" else []
+    return {"dry_run": shown.getvalue().splitlines(),
+            "trials": {trial_name(t["trial"], t["point"]): trial_params(t["trial"], target) for t in trials}}
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_shipped_sweep_files_plan_the_same_trials_names_and_params(rel):
+    pinned = json.load(open(PIN))
+    assert rel in pinned, f"{rel}: not pinned yet; run python -m tests.orchestrator.test_pinned_plans"
+    now = plan_of(rel)
+    assert now["dry_run"] == pinned[rel]["dry_run"]
+    assert list(now["trials"]) == list(pinned[rel]["trials"])
+    for name, params in now["trials"].items():
+        assert params == pinned[rel]["trials"][name], name
+
+
+def test_every_pin_is_a_shipped_file():
+    assert sorted(json.load(open(PIN))) == FILES
+
+
+if __name__ == "__main__":
+    with open(PIN, "w") as f:
+        json.dump({rel: plan_of(rel) for rel in FILES}, f, indent=1)
+        f.write("\n")
+    print(f"pinned {len(FILES)} sweep files in {PIN}")
