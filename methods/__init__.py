@@ -6,7 +6,7 @@ this package, never the other way round.
 
 from .base import DEFAULT_TARGET_MODULES, AdapterLayer, adapter_layers
 from .boft import BoftConfig, BoftLinear
-from .config import ConfigError, MethodConfig
+from .config import ConfigError, MethodConfig, flat_params, short_name
 from .full import FullConfig
 from .hybrid import GateConfig, HybridConfig, HybridLinear, gate_history, gate_records, gate_values
 from .lora import LoraConfig, LoraLinear
@@ -35,6 +35,6 @@ __all__ = [
     "FullConfig", "GateConfig", "HybridConfig", "HybridLinear", "gate_history", "gate_records", "gate_values", "LoraConfig", "LoraGaConfig", "LoraGaLinear", "LoraLinear", "Method", "MethodConfig",
     "adapter_layers", "adapter_state_dict", "after_backward", "apply_method", "check_method", "config_for",
     "count_parameters", "init_from_gradients", "estimate_gradients", "layer_diagnostics", "get_method", "hf_loss", "load_adapter", "merge_adapter", "merge_and_unload",
-    "read_adapter_config", "register", "save_adapter", "trainable_parameters", "unmerge_adapter",
+    "read_adapter_config", "register", "flat_params", "short_name", "save_adapter", "trainable_parameters", "unmerge_adapter",
     "UnitaryConfig", "UnitaryLinear",
 ]

@@ -221,3 +221,74 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+MODULES_TO_SAVE = "modules_to_save"  # key prefix of fully trained extra modules in the weights file
+
+
+class AdapterLayers:
+    """The method object of every method whose layers wrap target modules (all but full fine-
+    tuning, `methods.full.FullModel`): how `methods.model` checks, attaches, trains, saves and
+    loads it. The registry gives each method one; `methods.model` never asks which method it is."""
+
+    def __init__(self, layer_cls: type[AdapterLayer]):
+        self.layer_cls = layer_cls
+
+    def check(self, model: nn.Module, cfg) -> int:
+        """Build every target layer (each checks its shapes) and discard them: the target count."""
+        targets = list(find_targets(model, cfg.target_modules))
+        for name, module in targets:
+            self.layer_cls(module, cfg, name)
+        return len(targets)
+
+    def attach(self, model: nn.Module, cfg, estimate=None) -> None:
+        targets = list(find_targets(model, cfg.target_modules))
+        # Build (and so validate) every layer before any costly work and before swapping any in:
+        # a bad hyperparameter leaves the model untouched.
+        layers = [(name, self.layer_cls(module, cfg, name)) for name, module in targets]
+        grads = estimate(targets) if estimate is not None else None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, layer in layers:
+            if grads is not None:
+                layer.init_from_gradient(grads.pop(name))
+            replace_module(model, name, layer)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [getattr(layer, n) for _, layer in adapter_layers(model) for n in layer.adapter_param_names]
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """'<layer path>.<tensor name>' -> tensor, and the modules_to_save under their prefix."""
+        out = {}
+        for name, layer in adapter_layers(model):
+            if layer.merged:
+                raise ValueError(f"{name}: adapter is merged; unmerge_adapter(model) before saving it")
+            for key, t in layer.adapter_state().items():
+                out[f"{name}.{key}"] = t.contiguous()
+        for name in getattr(model, "modules_to_save", ()):
+            for key, t in model.get_submodule(name).state_dict().items():
+                out[f"{MODULES_TO_SAVE}.{name}.{key}"] = t.detach().contiguous()
+        return out
+
+    def load_state(self, model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+        """Into an attached model: each layer's tensors, then the modules_to_save."""
+        extra = {k[len(MODULES_TO_SAVE) + 1 :]: t for k, t in state.items() if k.startswith(MODULES_TO_SAVE + ".")}
+        if extra:
+            with torch.no_grad():
+                unexpected = model.load_state_dict(extra, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"{path}: saved modules_to_save tensors {unexpected[:3]} do not fit this model")
+        layers = dict(adapter_layers(model))
+        per_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in state.items():
+            if key.startswith(MODULES_TO_SAVE + "."):
+                continue
+            name, _, tensor = key.rpartition(".")
+            if name not in layers:
+                raise ValueError(f"{path}: tensor {key} belongs to no adapted layer of this model")
+            per_layer.setdefault(name, {})[tensor] = t
+        missing = sorted(set(layers) - set(per_layer))
+        if missing:
+            raise ValueError(f"{path}: no saved tensors for adapted layer(s) {missing[:3]}")
+        for name, layer in layers.items():
+            layer.load_adapter_state({k: v.to(getattr(layer, k).device) for k, v in per_layer[name].items()})

@@ -50,9 +50,9 @@ class BoftConfig(MethodConfig):
     """
 
     method = "boft"
-    block_size: int | None = dataclasses.field(default=None, metadata={"help": "b: orthogonal block size (default 4)"})
+    block_size: int | None = dataclasses.field(default=None, metadata={"help": "b: orthogonal block size (default 4)", "short": "b"})
     block_num: int | None = dataclasses.field(default=None, metadata={"help": "D: blocks per stage (instead of b)"})
-    n_butterfly_factor: int = dataclasses.field(default=1, metadata={"help": "m: butterfly depth (1 = block OFT)"})
+    n_butterfly_factor: int = dataclasses.field(default=1, metadata={"help": "m: butterfly depth (1 = block OFT)", "param": "butterfly_depth", "short": "m"})
     cayley: CayleyMode = dataclasses.field(default="exact", metadata={"help": "Cayley transform: exact | neumann"})
     neumann_terms: int = dataclasses.field(default=5, metadata={"help": "k: Neumann series order (cayley=neumann)"})
     target_modules: Sequence[str] | str | None = dataclasses.field(

@@ -85,6 +85,46 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
+# Each field declares, beside its `help`, the name it is logged under (`param`, default: the field's
+# own name, whatever config it is nested in, so that LoRA's rank is `rank` in LoRA, LoRA-GA and the
+# hybrid) and its short name in trial names (`short`, default: the field's name).
+
+
+def flat_params(config: Any) -> dict[str, Any]:
+    """A config's leaves under their declared names (`param`). A name that two different leaves
+    claim keeps its dotted path for the later one; a None leaf whose name is already taken
+    is left out (the hybrid's inner target_modules when its own is set)."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{path}{f.name}.")
+                continue
+            name = f.metadata.get("param", f.name)
+            if name in out and value is None:
+                continue
+            out[name if name not in out or out[name] in (None, value) else f"{path}{f.name}"] = value
+
+    walk(config, "")
+    return out
+
+
+def short_name(cls: type, path: str) -> str:
+    """The short name (trial names) of the field at dotted `path` in config class `cls`; the last
+    component of the path where no field declares one (or the path leaves the class)."""
+    tp: Any = cls
+    field = None
+    for part in path.split("."):
+        fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else {}
+        if part not in fields:
+            return path.split(".")[-1]
+        field = fields[part]
+        tp = _strip_optional(typing.get_type_hints(tp)[part])
+    return field.metadata.get("short", field.name)
+
+
 def check(cond: bool, field: str, value: Any, expected: str) -> None:
     """Raise ConfigError('field=value: expected') unless cond."""
     if not cond:

@@ -95,17 +95,17 @@ class GateConfig:
         schedule_steps: steps over which a(t) goes from 1 to 0.
     """
 
-    init: float = dataclasses.field(default=0.5, metadata={"help": "lambda before the first update"})
-    fixed: float | None = dataclasses.field(default=None, metadata={"help": "pin lambda (1 = BOFT, 0 = LoRA-GA)"})
-    tau: float = dataclasses.field(default=1.0, metadata={"help": "tau: sigmoid temperature on the log norm ratio"})
-    update_every: int = dataclasses.field(default=10, metadata={"help": "K: steps between gate updates"})
-    ema: float = dataclasses.field(default=0.9, metadata={"help": "beta: EMA smoothing of lambda"})
-    lambda_min: float = dataclasses.field(default=0.05, metadata={"help": "lower bound of lambda"})
-    lambda_max: float = dataclasses.field(default=0.95, metadata={"help": "upper bound of lambda"})
-    direction: GateDirection = dataclasses.field(default="larger", metadata={"help": "favour the larger | smaller gradient"})
-    normalize: bool = dataclasses.field(default=True, metadata={"help": "divide norms by sqrt(#params)"})
-    schedule: Schedule = dataclasses.field(default="constant", metadata={"help": "LoRA-GA share decay: constant | linear | cosine"})
-    schedule_steps: int = dataclasses.field(default=1000, metadata={"help": "steps for the schedule to reach 0"})
+    init: float = dataclasses.field(default=0.5, metadata={"param": "gate_init", "help": "lambda before the first update"})
+    fixed: float | None = dataclasses.field(default=None, metadata={"param": "gate_fixed", "help": "pin lambda (1 = BOFT, 0 = LoRA-GA)"})
+    tau: float = dataclasses.field(default=1.0, metadata={"param": "gate_tau", "help": "tau: sigmoid temperature on the log norm ratio"})
+    update_every: int = dataclasses.field(default=10, metadata={"param": "gate_update_every", "help": "K: steps between gate updates"})
+    ema: float = dataclasses.field(default=0.9, metadata={"param": "gate_ema", "help": "beta: EMA smoothing of lambda"})
+    lambda_min: float = dataclasses.field(default=0.05, metadata={"param": "gate_lambda_min", "help": "lower bound of lambda"})
+    lambda_max: float = dataclasses.field(default=0.95, metadata={"param": "gate_lambda_max", "help": "upper bound of lambda"})
+    direction: GateDirection = dataclasses.field(default="larger", metadata={"param": "gate_direction", "help": "favour the larger | smaller gradient"})
+    normalize: bool = dataclasses.field(default=True, metadata={"param": "gate_normalize", "help": "divide norms by sqrt(#params)"})
+    schedule: Schedule = dataclasses.field(default="constant", metadata={"param": "gate_schedule", "help": "LoRA-GA share decay: constant | linear | cosine"})
+    schedule_steps: int = dataclasses.field(default=1000, metadata={"param": "gate_schedule_steps", "help": "steps for the schedule to reach 0"})
 
     def __post_init__(self):
         check(0.0 <= self.init <= 1.0, "init", self.init, "must be in [0, 1]")

@@ -35,9 +35,9 @@ class LoraConfig(MethodConfig):
     """
 
     method = "lora"
-    r: int = dataclasses.field(default=8, metadata={"help": "rank r of the update B A (symbol r)"})
+    r: int = dataclasses.field(default=8, metadata={"help": "rank r of the update B A (symbol r)", "param": "rank"})
     alpha: float = dataclasses.field(default=16.0, metadata={"help": "scale numerator: update scaled by alpha/r"})
-    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)", "param": "lora_dropout"})
     use_rslora: bool = dataclasses.field(default=False, metadata={"help": "scale alpha/sqrt(r) instead of alpha/r"})
     target_modules: Sequence[str] | str | None = dataclasses.field(
         default=None, metadata={"help": "module-name suffixes or one regex; None = architecture default"}

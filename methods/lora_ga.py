@@ -63,12 +63,12 @@ class LoraGaConfig(MethodConfig):
     method = "lora_ga"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "nested LoRA settings"})
     direction: Direction = dataclasses.field(
-        default="ArB2r", metadata={"help": "singular vectors for A and B: ArB2r | A2rBr | ArBr | random"}
+        default="ArB2r", metadata={"help": "singular vectors for A and B: ArB2r | A2rBr | ArBr | random", "param": "ga_direction"}
     )
-    scale: Scale = dataclasses.field(default="stable", metadata={"help": "init scale: stable | gd | unit"})
-    stable_gamma: float = dataclasses.field(default=16.0, metadata={"help": "gamma of the stable scale"})
-    batches: int = dataclasses.field(default=8, metadata={"help": "batches averaged for the gradient estimate"})
-    svd_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the randomised SVD (same on all ranks)"})
+    scale: Scale = dataclasses.field(default="stable", metadata={"help": "init scale: stable | gd | unit", "param": "ga_scale"})
+    stable_gamma: float = dataclasses.field(default=16.0, metadata={"help": "gamma of the stable scale", "param": "ga_stable_gamma"})
+    batches: int = dataclasses.field(default=8, metadata={"help": "batches averaged for the gradient estimate", "param": "ga_batches"})
+    svd_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the randomised SVD (same on all ranks)", "param": "ga_svd_seed"})
 
     def __post_init__(self):
         if isinstance(self.lora, dict):

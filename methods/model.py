@@ -6,7 +6,8 @@
     methods.save_adapter(model, "out/adapter")  # adapter_config.json + adapter_model.safetensors
     fresh = methods.load_adapter(base_model, "out/adapter")
 
-Nothing here knows which method it holds: it goes through the registry and `AdapterLayer`.
+Nothing here knows which method it holds: it goes through the method object the registry gives
+(`methods.base.AdapterLayers` for adapters, `methods.full.FullModel`) and `AdapterLayer`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import AdapterLayer, adapter_layers, find_targets, replace_module
+from .base import AdapterLayer, adapter_layers, replace_module
 from .config import MethodConfig
 from .lora_ga import LossFn, estimate_gradients, hf_loss
 from .registry import config_for, get_method
@@ -28,7 +29,6 @@ from .registry import config_for, get_method
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-MODULES_TO_SAVE = "modules_to_save"  # key prefix of fully trained extra modules in the weights file
 
 
 def _attach(
@@ -37,25 +37,10 @@ def _attach(
     estimate: Callable[[list[tuple[str, nn.Module]]], dict[str, torch.Tensor]] | None = None,
     modules_to_save: Sequence[str] = (),
 ) -> nn.Module:
-    """Wrap the targets. With `estimate`, gradients are taken on the still-unwrapped targets and
-    passed to each layer's `init_from_gradient`."""
-    method = get_method(cfg.method)
+    """Let the method take the model (wrap its targets, or train it whole). With `estimate`,
+    gradients are taken on the still-unwrapped targets and passed to each layer's `init_from_gradient`."""
     extra = _check_modules_to_save(model, modules_to_save)
-    if method.layer_cls is None:  # full fine-tuning
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        targets = list(find_targets(model, cfg.target_modules))
-        # Build (and so validate) every layer before any costly work and before swapping any in:
-        # a bad hyperparameter leaves the model untouched.
-        layers = [(name, method.layer_cls(module, cfg, name)) for name, module in targets]
-        grads = estimate(targets) if estimate is not None else None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, layer in layers:
-            if grads is not None:
-                layer.init_from_gradient(grads.pop(name))
-            replace_module(model, name, layer)
+    get_method(cfg.method).model.attach(model, cfg, estimate)
     model.adapter_config = cfg  # save_adapter reads it back
     model.modules_to_save = tuple(extra)
     for p in trainable_parameters(model):
@@ -68,14 +53,8 @@ def check_method(model: nn.Module, cfg: MethodConfig, modules_to_save: Sequence[
     its shapes and raises naming the layer and the field) and discard them. Works on a model built
     on the meta device, so a sweep checks a 70B model's shapes before anything is launched.
     Returns the number of target layers."""
-    method = get_method(cfg.method)
     _check_modules_to_save(model, modules_to_save)
-    if method.layer_cls is None:
-        return 0
-    targets = list(find_targets(model, cfg.target_modules))
-    for name, module in targets:
-        method.layer_cls(module, cfg, name)
-    return len(targets)
+    return get_method(cfg.method).model.check(model, cfg)
 
 
 def _check_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -133,13 +112,13 @@ def init_from_gradients(model: nn.Module, batches: Iterable[Any], loss_fn: LossF
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Adapter parameters found by visiting adapter layers (not by name matching); all for full FT."""
+    """What trains: the method's (adapter parameters found by visiting the adapter layers, not by
+    name matching; every parameter for full fine-tuning) and the modules_to_save."""
     cfg = getattr(model, "adapter_config", None)
-    if cfg is not None and get_method(cfg.method).layer_cls is None:
-        return [p for p in model.parameters()]
-    params = [getattr(layer, n) for _, layer in adapter_layers(model) for n in layer.adapter_param_names]
+    params = get_method(cfg.method).model.trainable(model) if cfg is not None else []
+    seen = {id(p) for p in params}
     for name in getattr(model, "modules_to_save", ()):
-        params.extend(model.get_submodule(name).parameters())
+        params.extend(p for p in model.get_submodule(name).parameters() if id(p) not in seen)
     return params
 
 
@@ -182,17 +161,8 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What save_adapter writes: '<layer path>.<tensor name>' -> tensor."""
-    out = {}
-    for name, layer in adapter_layers(model):
-        if layer.merged:
-            raise ValueError(f"{name}: adapter is merged; unmerge_adapter(model) before saving it")
-        for key, t in layer.adapter_state().items():
-            out[f"{name}.{key}"] = t.contiguous()
-    for name in getattr(model, "modules_to_save", ()):
-        for key, t in model.get_submodule(name).state_dict().items():
-            out[f"{MODULES_TO_SAVE}.{name}.{key}"] = t.detach().contiguous()
-    return out
+    """What save_adapter writes: '<layer path>.<tensor name>' -> tensor (the whole model's for full)."""
+    return get_method(model.adapter_config.method).model.state_dict(model)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -209,29 +179,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     }
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if get_method(cfg.method).layer_cls is None:
-        save_file(_full_state_dict(model), path, metadata={"method": cfg.method})
-    else:
-        save_file(adapter_state_dict(model), path, metadata={"method": cfg.method})
-
-
-def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter once (tied weights under their first name) and the persistent buffers, as
-    fresh contiguous tensors: under DeepSpeed the live ones are views into flat buffers."""
-    out = {name: p.detach().clone().contiguous() for name, p in model.named_parameters()}
-    persistent = {n for n, _ in model.state_dict(keep_vars=True).items()}
-    out.update({n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n in persistent})
-    return out
-
-
-def _load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
-    untied_missing = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in loaded]
-    if untied_missing or result.unexpected_keys:
-        raise ValueError(f"{path}: does not fit this model (missing {untied_missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]})")
+    save_file(adapter_state_dict(model), os.path.join(directory, WEIGHTS_NAME), metadata={"method": cfg.method})
 
 
 def _read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -253,31 +201,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     meta = _read_meta(directory)
     cfg = config_for(meta["method"], meta["config"])
     path = os.path.join(directory, WEIGHTS_NAME)
-    if get_method(cfg.method).layer_cls is None:
-        _load_full_state_dict(model, load_file(path), path)
-        return _attach(model, cfg)
     _attach(model, cfg, modules_to_save=meta.get("modules_to_save", ()))
-    state = load_file(path)
-    extra = {k[len(MODULES_TO_SAVE) + 1 :]: t for k, t in state.items() if k.startswith(MODULES_TO_SAVE + ".")}
-    if extra:
-        with torch.no_grad():
-            unexpected = model.load_state_dict(extra, strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"{path}: saved modules_to_save tensors {unexpected[:3]} do not fit this model")
-    layers = dict(adapter_layers(model))
-    per_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
-        if key.startswith(MODULES_TO_SAVE + "."):
-            continue
-        name, _, tensor = key.rpartition(".")
-        if name not in layers:
-            raise ValueError(f"{path}: tensor {key} belongs to no adapted layer of this model")
-        per_layer.setdefault(name, {})[tensor] = t
-    missing = sorted(set(layers) - set(per_layer))
-    if missing:
-        raise ValueError(f"{path}: no saved tensors for adapted layer(s) {missing[:3]}")
-    for name, layer in layers.items():
-        layer.load_adapter_state({k: v.to(getattr(layer, k).device) for k, v in per_layer[name].items()})
+    get_method(cfg.method).model.load_state(model, load_file(path), path)
     return model
 
 

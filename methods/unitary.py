@@ -66,7 +66,7 @@ class UnitaryConfig(MethodConfig):
 
     method = "unitary"
     output_scale: bool = dataclasses.field(default=True, metadata={"help": "s: learn a per-output scale (init 1)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the fixed permutation Pi"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the fixed permutation Pi", "param": "unitary_seed"})
     target_modules: Sequence[str] | str | None = dataclasses.field(
         default=None, metadata={"help": "module-name suffixes or one regex; None = architecture default"}
     )

@@ -24,15 +24,13 @@ def _load(path: str):
 
 def cmd_validate(args) -> int:
     spec = _load(args.file)
-    plan = spec.plan() if spec.tune.search_alg != "optuna" else []
-    print(f"{args.file}: OK: {len(spec.methods)} method(s), "
-          f"{len(plan) if plan else spec.tune.num_samples} trial(s)")
+    print(f"{args.file}: OK: {len(spec.methods)} method(s), {spec.num_trials} trial(s)")
     return 0
 
 
 def smoke(spec):
     """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs: every method of
-    the file, its first seed, 4 steps on a little data, one worker per trial so that trials run side
+    the file, its first seed, 2 steps and one evaluation on a little data, one worker per trial so that trials run side
     by side. It checks that each method runs on this model and task; its times mean nothing."""
     from orchestrator.tasks import get_task
 
@@ -46,7 +44,7 @@ def smoke(spec):
              samples_per_language=min(spec.data.samples_per_language, 8))
     if generative:
         data = r(data, max_new_tokens=min(spec.data.max_new_tokens or task.default_max_new_tokens, 16))
-    return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 4), eval_every=2), data=data,
+    return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 2), eval_every=2), data=data,
              tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]),
              # 0.49 CPU: one pinned core (orchestrator.cores), so two trials share a 2-core machine
              resources=r(spec.resources, num_workers=1, cpus_per_worker=min(spec.resources.cpus_per_worker, 0.49)))
@@ -120,10 +118,10 @@ def cmd_sweep(args) -> int:
 
     tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
     if args.cluster:
-        from orchestrator import cluster
+        from orchestrator.placement import capacity, load_cluster
 
         try:
-            cluster.capacity(cluster.load_cluster(args.cluster))
+            capacity(load_cluster(args.cluster))
         except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"--cluster {args.cluster}: not a readable cluster file ({type(e).__name__}: {e})") from None
     init_ray(args.address, args.verbose, env_vars=worker_env(spec))
@@ -166,6 +164,37 @@ def cmd_sync(args) -> int:
     counts = tracking.sync_from_storage(os.path.join(storage_path(spec), spec.name), uri, tracking.experiment_name(spec))
     print(f"synced {counts['trials']} trial(s) to {uri}: {counts['created']} run(s) created, "
           f"{counts['reports_logged']} report(s) logged")
+    return 0
+
+
+def cmd_cluster_check(args) -> int:
+    from orchestrator.cluster import check_cluster_file
+
+    bad = 0
+    for path in args.files:
+        errors = check_cluster_file(path)
+        print("\n".join(errors) if errors else f"{path}: OK")
+        bad += bool(errors)
+    return 2 if bad else 0
+
+
+def cmd_cluster_cost(args) -> int:
+    from orchestrator.cluster import check_cluster_file, estimate_cost
+    from orchestrator.placement import is_kuberay, load_cluster, max_concurrent_trials
+    from orchestrator.spec import load_sweep
+
+    spec = load_sweep(args.file, validate_data=False)
+    concurrency = args.concurrency
+    if args.cluster:
+        errors = [] if is_kuberay(load_cluster(args.cluster)) else check_cluster_file(args.cluster)
+        if errors:
+            print("\n".join(errors), file=sys.stderr)
+            return 2
+        concurrency = concurrency or max_concurrent_trials(spec, load_cluster(args.cluster))
+    try:
+        print(estimate_cost(spec, args.gpu_hour_usd, args.seconds_per_step, concurrency, args.head_hour_usd))
+    except ValueError as e:  # a price or a step time out of range
+        raise ConfigError(f"cluster cost: {e}") from None
     return 0
 
 
@@ -271,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", help="the cluster's YAML (launcher or KubeRay RayCluster / RayJob): trials at once "
                    "from its full size (on a launcher head, ~/ray_bootstrap_config.yaml is read by default)")
     s.add_argument("--verbose", action="store_true", help="stream the workers' logs (default: the live table only)")
-    s.add_argument("--smoke-test", action="store_true", help="every method once, 4 steps on a little data, 1 worker per trial: a quick end-to-end check")
+    s.add_argument("--smoke-test", action="store_true", help="every method once, 2 steps on a little data, 1 worker per trial: a quick end-to-end check")
     s.set_defaults(fn=cmd_sweep)
     c = sub.add_parser("compare", help="per-method table, ratios to full fine-tuning, plots (from MLflow)")
     c.add_argument("file")
@@ -299,10 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("file")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(fn=cmd_ui)
-    from orchestrator import cluster
-
     cl = sub.add_parser("cluster", help="Ray cluster files: check one offline, estimate a sweep's cost")
-    cluster.add_subcommands(cl.add_subparsers(dest="cluster_command", required=True))
+    csub = cl.add_subparsers(dest="cluster_command", required=True)
+    c = csub.add_parser("check", help="check cluster-launcher YAMLs offline (Ray's schema and launcher, this project's rules)")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(fn=cmd_cluster_check)
+    k = csub.add_parser("cost", help="estimate a sweep's GPU-hours and price from its sweep file")
+    k.add_argument("file", help="sweep file")
+    k.add_argument("--gpu-hour-usd", type=float, required=True, help="price of one GPU-hour")
+    k.add_argument("--seconds-per-step", type=float, required=True, help="measured seconds per optimizer step")
+    k.add_argument("--concurrency", type=int, help="trials at once (for the wall clock)")
+    k.add_argument("--cluster", help="cluster YAML (launcher or KubeRay): concurrency from what it can host at full scale")
+    k.add_argument("--head-hour-usd", type=float, default=0.0, help="price of the head node per hour")
+    k.set_defaults(fn=cmd_cluster_cost)
     d = sub.add_parser("describe", help="a method's hyperparameters, or a task's metrics and default target")
     d.add_argument("method", metavar="METHOD_OR_TASK")
     d.set_defaults(fn=cmd_describe)

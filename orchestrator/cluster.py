@@ -1,12 +1,12 @@
-"""Ray cluster-launcher files for sweeps: check one offline, read what it can host, price a sweep.
+"""Ray cluster-launcher files for sweeps: check one offline, price a sweep (`orchestrate cluster`).
 
-    orchestrate cluster check clusters/aws-gpu.yaml        # or: python -m orchestrator.cluster check FILE
+    orchestrate cluster check clusters/aws-gpu.yaml
     orchestrate cluster cost search_spaces/compare.yaml --gpu-hour-usd 1.2 --seconds-per-step 0.5
 
     errors = check_cluster_file("clusters/aws-gpu.yaml")   # [] when good; else one readable line each
-    capacity(load_cluster(path))             # {"CPU": 272, "GPU": 24, "trial_driver": 16}: the most at once
-    driver_plan(spec, ray.cluster_resources())   # (what a trial driver asks for, trials at once)
     estimate_cost(spec, gpu_hour_usd=1.2, seconds_per_step=0.5)   # GPU-hours per trial x trials, in USD
+
+What a cluster can host and how many trials run at once: `orchestrator.placement`.
 
 `check_cluster_file` runs what `ray up` runs before it touches a cloud: Ray's own JSON schema
 (`ray/autoscaler/ray-schema.json`, draft-07, `additionalProperties: false` catches typos), then the
@@ -23,7 +23,6 @@ file, the key path and what was expected. Then this project's rules, each a trap
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import difflib
@@ -32,23 +31,14 @@ import logging
 import math
 import os
 import re
-import sys
-from typing import Any
 
 import yaml
 
-DRIVER_RESOURCE = "trial_driver"  # one slot per sweep driver; only on the head / on-demand nodes
-DRIVER_CPU = 0.01  # what a driver holds besides its slot (sweep.DRIVER_RESOURCES)
-BOOTSTRAP = "~/ray_bootstrap_config.yaml"  # `ray up` writes the prepared cluster YAML here on the head
+from orchestrator.placement import DRIVER_RESOURCE
 SECRETS = [(re.compile(r"AKIA[0-9A-Z]{16}"), "an AWS access key id"),
            (re.compile(r"(?i)aws_secret_access_key|aws_session_token"), "an AWS secret key"),
            (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\""), "a private key"),
            (re.compile(r"(?m)^\s*gcp_credentials\s*:"), "GCP credentials (provider.gcp_credentials)")]
-
-
-def load_cluster(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -212,96 +202,6 @@ def _line_of(key: str, lines: dict[str, int]) -> int | None:
     return lines.get(key)
 
 
-# ----------------------------------------------------------------------------- capacity
-
-
-def capacity(config: dict) -> dict[str, float]:
-    """Each resource's most at once: the head plus worker nodes up to each type's `max_workers`
-    and the global `max_workers` (the types richest in that resource first). Node types must list
-    their resources (the launcher can detect AWS ones; this cannot). A KubeRay manifest: see
-    `kuberay_capacity`."""
-    if is_kuberay(config):
-        return kuberay_capacity(config)
-    types, head = config["available_node_types"], config["head_node_type"]
-    total = {k: float(v) for k, v in types[head].get("resources", {}).items()}
-    workers = [t for name, t in types.items() if name != head]
-    for res in {r for t in workers for r in t.get("resources", {})}:
-        left = config.get("max_workers", 2)  # the launcher's default
-        for t in sorted(workers, key=lambda t: -t.get("resources", {}).get(res, 0)):
-            n = min(t.get("max_workers", left), left)
-            total[res] = total.get(res, 0.0) + n * t.get("resources", {}).get(res, 0)
-            left -= n
-    return total
-
-
-def is_kuberay(config: dict) -> bool:
-    return isinstance(config, dict) and config.get("kind") in ("RayCluster", "RayJob")
-
-
-def _quantity(value) -> float:
-    """A Kubernetes quantity of CPUs or GPUs: 16, "16", "500m"."""
-    text = str(value)
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-
-
-def kuberay_capacity(manifest: dict) -> dict[str, float]:
-    """A KubeRay RayCluster's (or RayJob's rayClusterSpec's) resources at full scale: the head plus
-    every worker group at its `maxReplicas` (groups start at 0 replicas, so `ray.cluster_resources()`
-    alone would see no GPU). A pod's CPUs and GPUs come from `rayStartParams` (num-cpus, num-gpus,
-    resources), else from its first container's limits (cpu, nvidia.com/gpu), as KubeRay sets them."""
-    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
-
-    def pod(group: dict) -> dict[str, float]:
-        params = group.get("rayStartParams") or {}
-        containers = group.get("template", {}).get("spec", {}).get("containers") or [{}]
-        res = containers[0].get("resources", {})
-        limits = {**res.get("requests", {}), **res.get("limits", {})}
-        out = {"CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
-               "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
-        if params.get("resources"):
-            out.update({k: float(v) for k, v in json.loads(str(params["resources"]).strip().strip("'\"").replace('\\"', '"')).items()})
-        return out
-
-    total = pod(spec["headGroupSpec"])
-    for group in spec.get("workerGroupSpecs", []):
-        n = group.get("maxReplicas", group.get("replicas", 0))
-        for k, v in pod(group).items():
-            total[k] = total.get(k, 0.0) + n * v
-    return total
-
-
-def driver_resources(cluster: dict[str, float]) -> dict[str, float]:
-    """What one trial driver asks for: a token CPU, plus a driver slot where the cluster has them
-    (`ray.cluster_resources()` or `capacity(...)`), which pins drivers to the head."""
-    return {"CPU": DRIVER_CPU, DRIVER_RESOURCE: 1} if cluster.get(DRIVER_RESOURCE) else {"CPU": DRIVER_CPU}
-
-
-def concurrency(spec, cluster: dict[str, float]) -> int:
-    """Trials at once: worker groups that fit (sweep.max_concurrent), and no more than the driver slots."""
-    from orchestrator.sweep import max_concurrent
-
-    n = max_concurrent(spec, cluster)
-    return min(n, max(1, math.floor(cluster[DRIVER_RESOURCE]))) if DRIVER_RESOURCE in cluster else n
-
-
-def max_concurrent_trials(spec, config: dict) -> int:
-    """Trials a cluster YAML can run at once at full scale."""
-    return concurrency(spec, capacity(config))
-
-
-def driver_plan(spec, now: dict[str, float], bootstrap: str = BOOTSTRAP,
-                cluster_file: str | None = None) -> tuple[dict[str, float], int]:
-    """For `sweep.build_tuner`: what each trial driver asks for, and how many trials at once, given
-    `ray.cluster_resources()`. On a launcher cluster's head (where the sweep driver runs) the size
-    the autoscaler may reach counts, not only the nodes up when the sweep starts (often the head alone:
-    no GPU yet, which would cap the sweep at one trial at a time); `cluster_file` (`orchestrate
-    sweep --cluster`, e.g. a KubeRay manifest) says the same where there is no bootstrap file."""
-    path = os.path.expanduser(cluster_file or bootstrap)
-    full = capacity(load_cluster(path)) if os.path.exists(path) else {}
-    cap = {k: max(now.get(k, 0.0), full.get(k, 0.0)) for k in {*now, *full}}
-    return driver_resources(cap), concurrency(spec, cap)
-
-
 # ----------------------------------------------------------------------------- cost
 
 
@@ -343,9 +243,9 @@ def estimate_cost(spec, gpu_hour_usd: float, seconds_per_step: float, concurrenc
     from orchestrator.sweep import trial_configs
 
     # Each trial at its own budget (a method's train.max_steps overrides the file's).
-    configs = trial_configs(spec)
-    trials = spec.tune.num_samples if spec.tune.search_alg == "optuna" else len(configs)
-    steps = [c.train.max_steps for c in configs] * (trials if spec.tune.search_alg == "optuna" else 1)
+    configs = trial_configs(spec)  # Optuna: the one method's config, once per suggested trial
+    trials = spec.num_trials
+    steps = [c.train.max_steps for c in configs] * (trials // len(configs))
     r = spec.resources
     gpus = r.num_workers * r.gpus_per_worker
     hours = max(steps) * seconds_per_step / 3600  # the longest trial
@@ -353,60 +253,3 @@ def estimate_cost(spec, gpu_hour_usd: float, seconds_per_step: float, concurrenc
     wall = math.ceil(trials / concurrency) * hours if concurrency else None
     head = (wall or 0.0) * head_hour_usd
     return CostEstimate(spec.name, trials, gpus, hours, gpu_hours, gpu_hours * gpu_hour_usd + head, wall, head)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cmd_check(args) -> int:
-    bad = 0
-    for path in args.files:
-        errors = check_cluster_file(path)
-        print("\n".join(errors) if errors else f"{path}: OK")
-        bad += bool(errors)
-    return 2 if bad else 0
-
-
-def cmd_cost(args) -> int:
-    from orchestrator.spec import load_sweep
-
-    spec = load_sweep(args.file, validate_data=False)
-    concurrency = args.concurrency
-    if args.cluster:
-        errors = [] if is_kuberay(load_cluster(args.cluster)) else check_cluster_file(args.cluster)
-        if errors:
-            print("\n".join(errors), file=sys.stderr)
-            return 2
-        concurrency = concurrency or max_concurrent_trials(spec, load_cluster(args.cluster))
-    print(estimate_cost(spec, args.gpu_hour_usd, args.seconds_per_step, concurrency, args.head_hour_usd))
-    return 0
-
-
-def add_subcommands(sub) -> None:
-    """`check FILE...` and `cost FILE ...` under `sub` (an argparse subparsers object)."""
-    c = sub.add_parser("check", help="check cluster-launcher YAMLs offline (Ray's schema and launcher, this project's rules)")
-    c.add_argument("files", nargs="+")
-    c.set_defaults(fn=cmd_check)
-    p = sub.add_parser("cost", help="estimate a sweep's GPU-hours and price from its sweep file")
-    p.add_argument("file", help="sweep file")
-    p.add_argument("--gpu-hour-usd", type=float, required=True, help="price of one GPU-hour")
-    p.add_argument("--seconds-per-step", type=float, required=True, help="measured seconds per optimizer step")
-    p.add_argument("--concurrency", type=int, help="trials at once (for the wall clock)")
-    p.add_argument("--cluster", help="cluster YAML (launcher or KubeRay): concurrency from what it can host at full scale")
-    p.add_argument("--head-hour-usd", type=float, default=0.0, help="price of the head node per hour")
-    p.set_defaults(fn=cmd_cost)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.cluster", description=__doc__.splitlines()[0])
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except ValueError as e:  # a sweep file's ConfigError too
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,7 +71,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("concurrent_trials", "trials", "most other trials that trained on this node at the same time"),
     Field("num_nodes", "nodes", "distinct nodes the trial's workers ran on"),
     Field("cpu_threads", "threads", "torch intra-op threads per worker (CPU: the pinned cores)", metric=False),
-    Field("gate_rank_spread", "", "largest difference of a per-layer gate between ranks (0: replicas agree)", "min"),
+    Field("layer_rank_spread", "", "largest difference of a per-layer diagnostic between ranks (0: replicas agree)", "min"),
     Field("lr", "", "learning rate after the step"),
     Field("target_reached", "bool", "the target was reached at or before this report"),
     Field("done", "bool", "the last report of the trial", metric=False),

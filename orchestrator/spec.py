@@ -124,6 +124,11 @@ class SweepSpec:
         method = next(iter(self.methods))
         return validate_trial(TrialConfig.from_dict(self.trial_dict(method, {}, self.tune.seeds[0])))
 
+    @property
+    def num_trials(self) -> int:
+        """Trials the sweep will run: its plan's length, or Optuna's num_samples (no plan ahead)."""
+        return self.tune.num_samples if self.tune.search_alg == "optuna" else len(self.plan())
+
     def plan(self) -> list[dict[str, Any]]:
         """Every trial the sweep will run (random/grid): method, point, seed, trial dict."""
         trials = []

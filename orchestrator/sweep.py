@@ -21,10 +21,10 @@ import sys
 import time
 from typing import Any
 
-from orchestrator.config import Target, TrialConfig
+import methods
+from orchestrator.config import DeepSpeedConfig, Target, TrainConfig, TrialConfig
 from orchestrator.spec import SweepSpec
 
-DRIVER_RESOURCES = {"CPU": 0.01}
 SUMMARY_FILE = "summary.json"
 
 
@@ -67,33 +67,19 @@ def trial_driver(config: dict[str, Any]) -> None:
 
 
 def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None) -> str:
-    """hybrid-r8-m2-tau0.5-seed1: method, the point's values (short keys), seed."""
+    """hybrid-r8-m2-tau0.5-seed1: method, the point's values under their fields' short names
+    (declared by the fields: methods.config.short_name), seed."""
     method = trial_config["method"]["name"]
+    sections = {"train": TrainConfig, "deepspeed": DeepSpeedConfig}
+    config_cls = methods.METHODS[method].config_cls if method in methods.METHODS else None
     parts = [method]
     for key, value in sorted((point or {}).items()):
-        short = {"lora_ga.lora.r": "r", "r": "r", "n_butterfly_factor": "m", "boft.n_butterfly_factor": "m",
-                 "block_size": "b", "boft.block_size": "b", "gate.tau": "tau", "train.lr": "lr"}.get(key, key.split(".")[-1])
+        head, _, rest = key.partition(".")
+        cls, path = (sections[head], rest) if head in sections and rest else (config_cls, key)
+        short = methods.short_name(cls, path) if cls else key.split(".")[-1]
         parts.append(f"{short}{value:.3g}" if isinstance(value, float) else f"{short}{value}")
     parts.append(f"seed{trial_config['train']['seed']}")
     return "-".join(parts)
-
-
-def max_concurrent(spec: SweepSpec, cluster: dict[str, float]) -> int:
-    """Trials whose worker groups fit at once in the cluster's CPUs and GPUs (at least 1).
-
-    Two limits on CPU: Ray's logical CPUs (the workers' `cpus_per_worker` plus each trial driver's
-    token CPU), and whole cores, because CPU workers are pinned to cores of their own
-    (orchestrator.cores: 0.49 CPU is one core), so that concurrent trials never time each other."""
-    from orchestrator.cores import cores_wanted
-
-    r = spec.resources
-    fits = [math.floor(cluster.get("CPU", 0) / (r.num_workers * r.cpus_per_worker + DRIVER_RESOURCES["CPU"]) + 1e-9)]
-    if r.gpus_per_worker:
-        fits.append(math.floor(cluster.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
-    else:
-        fits.append(math.floor(cluster.get("CPU", 0) / (r.num_workers * cores_wanted(r.cpus_per_worker)) + 1e-9))
-    n = max(1, min(fits))
-    return min(n, spec.tune.max_concurrent_trials) if spec.tune.max_concurrent_trials else n
 
 
 def _param_space(spec: SweepSpec, target: Target) -> dict[str, Any]:
@@ -143,7 +129,7 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=t.seeds[0])
-    from orchestrator.cluster import driver_plan
+    from orchestrator.placement import driver_plan
 
     # Drivers pinned to driver slots where the cluster defines them (the head, never a spot node);
     # concurrency from the size the autoscaler may reach, not only the nodes up right now.
@@ -260,9 +246,8 @@ def report_to_mlflow(spec: SweepSpec, uri: str, parent: str | None, summary: dic
 
 def interrupted(results, spec: SweepSpec) -> bool:
     """True if some planned trial never ran or is not in a final state (Tune was stopped)."""
-    planned = spec.tune.num_samples if spec.tune.search_alg == "optuna" else len(spec.plan())
     trials = results._experiment_analysis.trials  # Tune's own trial objects, with their status
-    return len(trials) < planned or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return len(trials) < spec.num_trials or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def stop_reason(result) -> str:

@@ -22,6 +22,10 @@ from orchestrator.config import Target, TrialConfig, validate_trial
 
 REPORTS_FILE = "reports.jsonl"
 COLLECTIVE_TIMEOUT_S = 4 * 3600  # see build_trainer
+# Ray Train retries a worker group that failed to start (e.g. it timed out waiting for its CPUs or
+# GPUs, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) without limit: a trial that can
+# never get its workers would wait forever. After this many retries it fails, and the sweep goes on.
+WORKER_GROUP_START_RETRIES = 3
 
 
 def _report_log_callback(path: str):
@@ -66,7 +70,8 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   controller_failure_limit=WORKER_GROUP_START_RETRIES),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=target.metric,

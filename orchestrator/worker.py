@@ -353,12 +353,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         layers = methods.layer_diagnostics(engine.module)
         if layers:
             metrics["layers"] = layers
-        gates = [d["gate"] for d in layers.values() if "gate" in d]
-        if gates:
-            # Every rank must hold the same gates (they come from reduced gradients): checked, not assumed.
-            high = collectives.all_reduce_values(gates, op="max")
-            low = collectives.all_reduce_values(gates, op="min")
-            metrics["gate_rank_spread"] = max(h - lo for h, lo in zip(high, low))
+        if layers:
+            # Every rank must hold the same diagnostics (they come from reduced gradients, e.g. the
+            # hybrid's gate): checked, not assumed. The same layers and names on every rank.
+            values = [layers[n][k] for n in sorted(layers) for k in sorted(layers[n])]
+            high = collectives.all_reduce_values(values, op="max")
+            low = collectives.all_reduce_values(values, op="min")
+            spreads = [h - lo for h, lo in zip(high, low) if math.isfinite(h) and math.isfinite(lo)]
+            metrics["layer_rank_spread"] = max(spreads, default=0.0)
         reports_since_checkpoint += 1
         due = cfg.train.checkpoint_every and reports_since_checkpoint >= cfg.train.checkpoint_every
         if due or stop_reason is not None:

@@ -1,5 +1,5 @@
 """clusters/: the launcher YAMLs pass Ray's own schema and offline launcher checks, the KubeRay
-manifests carry what KubeRay needs, `orchestrator.cluster` reports problems readably and prices a
+manifests carry what KubeRay needs, `orchestrate cluster` reports problems readably and prices a
 sweep, and a real multi-node Ray cluster (several raylets on this machine, fake GPUs) dispatches a
 Tune sweep the way the GPU cluster will: onto the nodes with the resource, no more at once than the
 resource allows, and retrying the trials of a node that disappears."""
@@ -18,7 +18,7 @@ import tempfile
 import pytest
 import yaml
 
-from orchestrator import cluster
+from orchestrator import cli, cluster, placement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER_FILES = ["clusters/aws-gpu.yaml", "clusters/gcp-gpu.yaml"]
@@ -64,13 +64,13 @@ def test_launcher_yaml_layout(rel):
     cloud = c["provider"]["type"]
     assert c["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
     types, head = c["available_node_types"], c["head_node_type"]
-    assert types[head]["resources"].get("GPU", 0) == 0 and types[head]["resources"][cluster.DRIVER_RESOURCE] >= 1
+    assert types[head]["resources"].get("GPU", 0) == 0 and types[head]["resources"][placement.DRIVER_RESOURCE] >= 1
     workers = {n: t for n, t in types.items() if n != head}
     assert sorted(t["resources"]["GPU"] for t in workers.values()) == [1, 8]  # small and large models
     assert all(t["min_workers"] == 0 < t["max_workers"] for t in workers.values())  # autoscaling from zero
     assert any(cluster.is_spot(t) for t in workers.values())
     for name, t in types.items():  # drivers pinned to the head / on-demand nodes only (STYLE.md O5)
-        assert cluster.DRIVER_RESOURCE not in t["resources"] or (name == head and not cluster.is_spot(t))
+        assert placement.DRIVER_RESOURCE not in t["resources"] or (name == head and not cluster.is_spot(t))
         if name != head:  # the workers write checkpoints to the bucket with their own cloud identity
             assert ("IamInstanceProfile" if cloud == "aws" else "serviceAccounts") in t["node_config"]
     assert c["file_mounts"]["/home/ray/peft-orchestrator"] == "."
@@ -86,32 +86,32 @@ def test_launcher_yaml_layout(rel):
 def test_capacity_and_concurrency_derived_from_the_cluster_yaml():
     aws = load("clusters/aws-gpu.yaml")
     # head 16 CPU; max_workers=10: 2 x p4d (96 CPU, 8 GPU) + 8 x g5.2xlarge (8 CPU, 1 GPU)
-    assert cluster.capacity(aws) == {"CPU": 16 + 2 * 96 + 8 * 8, "GPU": 2 * 8 + 8, "trial_driver": 16}
+    assert placement.capacity(aws) == {"CPU": 16 + 2 * 96 + 8 * 8, "GPU": 2 * 8 + 8, "trial_driver": 16}
     one_gpu = quickstart_spec(num_workers=1, cpus_per_worker=6, gpus_per_worker=1)
-    assert cluster.max_concurrent_trials(one_gpu, aws) == 16  # 24 GPUs, but 16 driver slots
+    assert placement.max_concurrent_trials(one_gpu, aws) == 16  # 24 GPUs, but 16 driver slots
     eight_gpu = quickstart_spec(num_workers=8, cpus_per_worker=10, gpus_per_worker=1)
-    assert cluster.max_concurrent_trials(eight_gpu, aws) == 3  # 24 GPUs / 8
+    assert placement.max_concurrent_trials(eight_gpu, aws) == 3  # 24 GPUs / 8
     small = {"max_workers": 3, "head_node_type": "h", "available_node_types": {
         "h": {"resources": {"CPU": 4}}, "a": {"resources": {"GPU": 1}, "max_workers": 5},
         "b": {"resources": {"GPU": 4}, "max_workers": 2}}}
-    assert cluster.capacity(small) == {"CPU": 4, "GPU": 2 * 4 + 1 * 1}  # global cap 3: the 4-GPU type first
+    assert placement.capacity(small) == {"CPU": 4, "GPU": 2 * 4 + 1 * 1}  # global cap 3: the 4-GPU type first
 
 
 def test_driver_resources_pin_drivers_only_where_the_cluster_has_slots():
-    assert cluster.driver_resources({"CPU": 2.0}) == {"CPU": 0.01}
-    assert cluster.driver_resources({"CPU": 272.0, "trial_driver": 16.0}) == {"CPU": 0.01, "trial_driver": 1}
+    assert placement.driver_resources({"CPU": 2.0}) == {"CPU": 0.01}
+    assert placement.driver_resources({"CPU": 272.0, "trial_driver": 16.0}) == {"CPU": 0.01, "trial_driver": 1}
 
 
 def test_driver_plan_counts_the_autoscalers_full_size_on_a_launcher_head(tmp_path):
-    from orchestrator.sweep import max_concurrent
+    from orchestrator.placement import max_concurrent
 
     one_gpu = quickstart_spec(num_workers=1, cpus_per_worker=6, gpus_per_worker=1)
     head_only = {"CPU": 16.0, "trial_driver": 16.0}  # the sweep starts before any GPU node is up
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
     bootstrap.write_text(open(os.path.join(ROOT, "clusters/aws-gpu.yaml")).read())
-    assert cluster.driver_plan(one_gpu, head_only, str(bootstrap)) == ({"CPU": 0.01, "trial_driver": 1}, 16)
+    assert placement.driver_plan(one_gpu, head_only, str(bootstrap)) == ({"CPU": 0.01, "trial_driver": 1}, 16)
     laptop = {"CPU": 2.0}  # no bootstrap file: what is there now, as before
-    assert cluster.driver_plan(one_gpu, laptop, str(tmp_path / "none.yaml")) == ({"CPU": 0.01}, max_concurrent(one_gpu, laptop))
+    assert placement.driver_plan(one_gpu, laptop, str(tmp_path / "none.yaml")) == ({"CPU": 0.01}, max_concurrent(one_gpu, laptop))
 
 
 # ----------------------------------------------------------------------------- readable errors
@@ -177,14 +177,14 @@ def test_credentials_bad_yaml_and_ray_rejections(tmp_path):
 
 
 def test_cli_check_and_cost(tmp_path, capsys):
-    assert cluster.main(["check", *(os.path.join(ROOT, f) for f in LAUNCHER_FILES)]) == 0
+    assert cli.main(["cluster", "check", *(os.path.join(ROOT, f) for f in LAUNCHER_FILES)]) == 0
     bad = write_variant(tmp_path, lambda c: c.pop("setup_commands"))
-    assert cluster.main(["check", bad]) == 2
+    assert cli.main(["cluster", "check", bad]) == 2
     sweep = tmp_path / "gpu.yaml"
     sweep.write_text(open(os.path.join(ROOT, "search_spaces/quickstart.yaml")).read().replace(
         "resources: {num_workers: 2, cpus_per_worker: 0.49}", "resources: {num_workers: 2, cpus_per_worker: 4, gpus_per_worker: 1}"))
     capsys.readouterr()
-    assert cluster.main(["cost", str(sweep), "--gpu-hour-usd", "2", "--seconds-per-step", "0.5",
+    assert cli.main(["cluster", "cost", str(sweep), "--gpu-hour-usd", "2", "--seconds-per-step", "0.5",
                          "--cluster", os.path.join(ROOT, "clusters/aws-gpu.yaml")]) == 0
     out = capsys.readouterr().out
     assert "x 2 GPU" in out and "GPU-hours" in out and "wall clock" in out
@@ -466,10 +466,10 @@ def test_a_real_trial_runs_its_deepspeed_group_across_two_nodes(tmp_path):
 
 def test_kuberay_concurrency_comes_from_the_worker_groups_max_replicas():
     """The GPU groups start at 0 replicas: concurrency from maxReplicas, capped by the driver slots."""
-    raycluster = cluster.load_cluster(os.path.join(ROOT, "clusters/kuberay/raycluster.yaml"))
-    assert cluster.capacity(raycluster) == {"CPU": 16 + 8 * 7 + 2 * 90, "GPU": 8 + 2 * 8, "trial_driver": 16}
+    raycluster = placement.load_cluster(os.path.join(ROOT, "clusters/kuberay/raycluster.yaml"))
+    assert placement.capacity(raycluster) == {"CPU": 16 + 8 * 7 + 2 * 90, "GPU": 8 + 2 * 8, "trial_driver": 16}
     gpu = quickstart_spec(num_workers=1, cpus_per_worker=4, gpus_per_worker=1)
-    assert cluster.concurrency(gpu, cluster.capacity(raycluster)) == 16  # 24 GPUs, but 16 driver slots
-    assert cluster.driver_plan(gpu, {"CPU": 16.0, "trial_driver": 16.0},
+    assert placement.concurrency(gpu, placement.capacity(raycluster)) == 16  # 24 GPUs, but 16 driver slots
+    assert placement.driver_plan(gpu, {"CPU": 16.0, "trial_driver": 16.0},
                                cluster_file=os.path.join(ROOT, "clusters/kuberay/rayjob.yaml"))[1] == 8  # the job's 8 GPUs
-    assert cluster.driver_plan(gpu, {"CPU": 16.0, "trial_driver": 16.0}, bootstrap="/nonexistent")[1] == 1  # what it saw
+    assert placement.driver_plan(gpu, {"CPU": 16.0, "trial_driver": 16.0}, bootstrap="/nonexistent")[1] == 1  # what it saw

@@ -53,7 +53,7 @@ def test_concurrent_workers_get_disjoint_cores_and_count_each_other(tmp_path):
 
 def test_concurrency_cap_counts_whole_cores():
     from orchestrator.spec import load_sweep
-    from orchestrator.sweep import max_concurrent
+    from orchestrator.placement import max_concurrent
 
     root = os.path.join(os.path.dirname(__file__), "..", "..", "search_spaces")
     for name in ("quickstart.yaml", "compare.yaml"):

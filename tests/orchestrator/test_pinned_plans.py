@@ -1,7 +1,7 @@
 """Every shipped sweep file's plan, pinned: `orchestrate sweep FILE --dry-run` output, trial names
 and MLflow parameters (names and values) must not change by accident.
 
-A deliberate change rewrites the pin and shows up in review as a diff of data/pinned_plans.json:
+A deliberate change rewrites the pin and shows up in review as a diff of tests/data/pinned_plans.json:
 
     python -m tests.orchestrator.test_pinned_plans
 """
@@ -22,7 +22,7 @@ from orchestrator.sweep import trial_name
 from orchestrator.tracking import trial_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pinned_plans.json")
+PIN = os.path.join(ROOT, "tests", "data", "pinned_plans.json")
 FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "search_spaces", "**", "*.yaml"), recursive=True))
 
 

@@ -16,7 +16,8 @@ from methods.config import ConfigError
 from orchestrator import space
 from orchestrator.cli import main
 from orchestrator.spec import SweepFileError, load_sweep
-from orchestrator.sweep import max_concurrent, trial_name
+from orchestrator.placement import max_concurrent
+from orchestrator.sweep import trial_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "search_spaces", "*.yaml")))

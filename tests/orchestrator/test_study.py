@@ -12,7 +12,8 @@ import torch
 
 from orchestrator.cli import smoke
 from orchestrator.spec import load_sweep
-from orchestrator.sweep import max_concurrent, run_sweep
+from orchestrator.placement import max_concurrent
+from orchestrator.sweep import run_sweep
 from orchestrator.tasks import DataSpec, assets, get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +33,7 @@ def test_study_files_compare_every_method_on_three_seeds_one_trial_at_a_time():
 @pytest.mark.parametrize("path", STUDY, ids=os.path.basename)
 def test_study_file_smoke_test_runs_every_method_on_its_model_and_task(path, ray_session, tmp_path):
     """`orchestrate sweep FILE --smoke-test` (the CLI applies `smoke`, then runs the sweep): every
-    method of the study file trains 4 steps on the file's real model and data and is evaluated."""
+    method of the study file trains 2 steps on the file's real model and data and is evaluated."""
     spec = load_sweep(path)
     small = smoke(dataclasses.replace(spec, storage=str(tmp_path)))
     assert (small.model, small.target, small.data.name) == (spec.model, spec.target, spec.data.name)
@@ -41,7 +42,7 @@ def test_study_file_smoke_test_runs_every_method_on_its_model_and_task(path, ray
     trials = {t["method"]: t for t in summary["trials"]}
     assert set(trials) == METHODS and len(summary["trials"]) == len(METHODS), [t["name"] for t in summary["trials"]]
     for method, t in trials.items():
-        assert t["status"] == "TERMINATED" and t["step"] == 4, (method, t["error"])
+        assert t["status"] == "TERMINATED" and t["step"] == 2, (method, t["error"])
         assert 0.0 <= t["metric"] <= 1.0 and math.isfinite(t["peak_memory_mb"]) and t["peak_memory_mb"] > 0, (method, t)
     assert trials["full"]["trainable_params"] > 100 * trials["lora"]["trainable_params"]  # the methods differ
 

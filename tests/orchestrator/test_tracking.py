@@ -270,7 +270,7 @@ def test_params_use_one_name_per_idea_across_methods():
         assert (p["task"], p["data_seed"], p["model"]) == ("bbc_news", "3", "null")
     assert (hybrid["target_metric"], hybrid["target_mode"], hybrid["target_value"]) == ("accuracy", "max", "0.8")
     unknown = tracking.trial_params(trial_dict("mystery", {"foo": {"bar": 1}, "r": 2}))
-    assert unknown["foo.bar"] == "1" and unknown["rank"] == "2"
+    assert unknown["foo.bar"] == "1" and unknown["r"] == "2"  # no declared names: the paths as given
 
 
 def test_uris_are_absolute_and_checked(tmp_path, monkeypatch):
@@ -413,6 +413,69 @@ def test_sync_reads_bucket_storage_through_pyarrow(logged_sweep):
     assert again == {"trials": 8, "created": 0, "reports_logged": 0}  # idempotent there too
     with pytest.raises(ConfigError, match="no Tune trial folders"):
         tracking.sync_from_storage(f"file://{sweep_dir}-missing", url, experiment="demo-bucket")
+
+
+@pytest.fixture(scope="module")
+def s3_storage(tmp_path_factory):
+    """A real S3 API on 127.0.0.1 (moto's server) with one bucket, and the pyarrow URI options that
+    point s3:// at it: what a sweep's `storage: s3://...` talks to, without a cloud."""
+    import subprocess
+    import sys
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    keys = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
+        fs.create_dir("bucket")
+        yield {"fs": fs, "query": f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"}
+    finally:
+        proc.kill()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_sync_and_adapters_from_s3_storage(logged_sweep, s3_storage, tmp_path):
+    """A sweep kept in S3 as Ray keeps it there (a checkpoint is named by its path in the bucket,
+    no scheme), nothing of it on local disk: sync reads it through pyarrow and logs each trial's
+    adapter, fetched from the bucket."""
+    import pyarrow.fs as pafs
+
+    url = logged_sweep["url"]
+    local = tmp_path / "runs"
+    run = run_fake_sweep(logged_sweep["spec"], url, str(local), logged_sweep["adapter"], prefix="s3xx0")
+    for result in local.glob("demo/*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        for r in rows:
+            r["checkpoint_path"] = r["checkpoint_path"].replace(str(local), "bucket/runs")
+        result.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pafs.copy_files(str(local), "bucket/runs", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_storage["fs"])
+    shutil.rmtree(local)
+    counts = tracking.sync_from_storage(f"s3://bucket/runs/demo?{s3_storage['query']}", url, experiment="demo-s3")
+    assert counts == {"trials": 8, "created": 8, "reports_logged": 16}
+    exp = experiment_id(url, "demo-s3")
+    runs = {r["info"]["run_name"]: r for r in search(url, exp, "tags.orchestrator.kind = 'trial'")}
+    assert sorted(runs) == sorted(run["expected"])
+    for name, r in runs.items():
+        assert set(artifacts(url, r["info"]["run_id"], "adapter")) == {"adapter/adapter_config.json",
+                                                                      "adapter/adapter_model.safetensors"}, name
 
 
 def test_sync_completes_a_partly_logged_sweep(logged_sweep, tmp_path):

@@ -142,7 +142,7 @@ def test_hybrid_gates_reported_and_identical_across_ranks_under_zero2(ray_sessio
     assert len(gates) == 12  # query and value in 6 MiniLM layers
     assert all(0.05 <= v <= 0.95 for v in gates.values())
     assert {name: d["gate"] for name, d in reports[0]["layers"].items()} != gates, "the gate should move between reports"
-    assert all(r["gate_rank_spread"] == 0.0 for r in reports)
+    assert all(r["layer_rank_spread"] == 0.0 for r in reports)
     assert reports[0]["method_init_s"] > 0  # LoRA-GA's gradient pass is the method's cost
 
 
@@ -285,3 +285,33 @@ def test_a_frozen_worker_fails_the_trial_as_stalled_instead_of_hanging(ray_sessi
     assert time.time() - started < 240  # ended by the watchdog, not by any 10-minute default
     reports = read_reports(str(tmp_path), "frozen")
     assert reports and reports[-1]["step"] < 500  # what was reported before the stall is kept
+
+
+def test_a_worker_group_that_can_never_start_fails_the_trial_instead_of_waiting_forever(tmp_path):
+    """Three 1-CPU workers on a 2-CPU Ray never fit: Ray Train times their start out and, left to
+    itself, retries without end. Run in its own Ray (its own start timeout, 5 s), the trial fails
+    after trial.WORKER_GROUP_START_RETRIES retries, naming the start-up timeout."""
+    import subprocess
+    import sys
+
+    script = f"""
+import ray
+from orchestrator.trial import run_trial
+from tests.orchestrator.test_trial import trial_config
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+try:
+    run_trial(trial_config(resources={{"num_workers": 3, "cpus_per_worker": 1.0}}), {str(tmp_path)!r}, "never")
+except Exception as e:
+    print("FAILED:", type(e).__name__, e)
+else:
+    print("RAN")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "5"
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = done.stdout + done.stderr
+    assert "FAILED:" in done.stdout and "RAN" not in done.stdout, out[-3000:]
+    assert "WorkerGroupStartupTimeoutError" in out or "timed out" in out, out[-3000:]
+    assert time.time() - started < 200  # 4 starts of 5 s and Ray's own start, not forever
