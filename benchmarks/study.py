@@ -27,6 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from orchestrator.cores import cores_wanted  # noqa: E402
 from orchestrator.spec import load_sweep  # noqa: E402
 from orchestrator.sweep import SUMMARY_FILE, storage_path  # noqa: E402
 
@@ -125,7 +126,7 @@ def part(path: str) -> tuple[list[str], dict]:
         rows.append(f"| {method} | {g['reached']}/{g['seeds']} | {fmt(g['train_time_to_quality_s'])} ({spread}) | "
                     f"{fmt(g['time_to_quality_s'])} | {fmt(g['peak_memory_mb'], 4)} | {fmt(g['final_metric'])} | "
                     f"{fmt(g['train_ttq_vs_full'])} | {fmt(g['wall_ttq_vs_full'])} | {fmt(g['memory_vs_full'])} | "
-                    f"{fmt(g['metric_vs_full'])} | {fmt(g['trainable_params'])} |")
+                    f"{fmt(g['metric_vs_full'])} | {int(g['trainable_params']):,} |")
     rel = os.path.relpath(path, ROOT)
     lines = [
         f"### {spec.name}: {spec.model.name_or_path or 'all-MiniLM-L6-v2 (bundled)'} on {d.name} ({rel})",
@@ -135,7 +136,9 @@ def part(path: str) -> tuple[list[str], dict]:
         f"- data: {d.max_train_samples} train / {d.max_eval_samples} eval examples, max_length {d.max_length}; "
         f"batch {tr.batch_size}, at most {tr.max_steps} steps, an evaluation every {tr.eval_every}; target "
         f"{t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}; seeds {list(spec.tune.seeds)}; "
-        f"{r.num_workers} workers x 1 pinned core, DeepSpeed ZeRO-{spec.deepspeed.zero_stage}, one trial at a time",
+        f"{r.num_workers} worker(s) x {cores_wanted(r.cpus_per_worker)} pinned core(s), DeepSpeed "
+        f"ZeRO-{spec.deepspeed.zero_stage}{' (one rank: nothing is sharded)' if r.num_workers == 1 else ''}, "
+        f"one trial at a time",
         "",
         "| method | reached | train TTQ s, median (range) | wall TTQ s | counted peak MB | final metric | "
         "train TTQ / full | wall TTQ / full | memory / full | metric / full | trainable params |",
