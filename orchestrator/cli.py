@@ -1,7 +1,8 @@
 """`orchestrate`: validate | sweep | compare | export | sync | ui | cluster | describe.
 
 Subcommands are plain functions; each returns the process exit code. Bad input exits 2 with every
-error listed, before Ray starts.
+error listed, before Ray starts. (Over 350 lines: one short function per subcommand and the one
+parser, kept together so that `--help` and what runs are read in one place.)
 """
 
 from __future__ import annotations

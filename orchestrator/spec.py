@@ -14,7 +14,8 @@
     resources: {num_workers: 2, cpus_per_worker: 0.49}
 
 Errors name the file, the line and the key path, and say what was expected; unknown keys are
-errors. `load_sweep` never starts Ray.
+errors. `load_sweep` never starts Ray. (Over 350 lines: the sweep file's sections, its plan and
+its validation, with the error-path handling they share.)
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ start, so lost work and the restart count). The training one adds up only what t
 its initialisation (LoRA-GA's gradient pass), steps and evaluations, not setup (model load,
 DeepSpeed engine, op builds) nor checkpoint writes. Every collective goes through
 `methods.collectives`, which puts tensors where the backend wants them (NCCL: the GPU).
+(Over 350 lines: the training loop is read in one sitting, with its clocks, memory counts and
+reports beside it, nanoGPT-style, rather than spread over modules.)
 """
 
 from __future__ import annotations

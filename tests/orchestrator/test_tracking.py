@@ -442,7 +442,8 @@ def s3_storage(tmp_path_factory):
                 if time.time() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.2)
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
         fs.create_dir("bucket")
         yield {"fs": fs, "query": f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"}
     finally:

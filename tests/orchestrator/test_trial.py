@@ -300,7 +300,8 @@ from orchestrator.trial import run_trial
 from tests.orchestrator.test_trial import trial_config
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 try:
-    run_trial(trial_config(resources={{"num_workers": 3, "cpus_per_worker": 1.0}}), {str(tmp_path)!r}, "never")
+    cfg = trial_config(resources={{"num_workers": 3, "cpus_per_worker": 1.0}}, train={{"batch_size": 9}})
+    run_trial(cfg, {str(tmp_path)!r}, "never")
 except Exception as e:
     print("FAILED:", type(e).__name__, e)
 else:
