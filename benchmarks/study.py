@@ -105,7 +105,7 @@ def claims(m: dict) -> list[str]:
             f"- \"near-full quality\": {quality_line}"]
 
 
-def part(path: str) -> tuple[list[str], dict]:
+def part(path: str) -> list[str]:
     spec = load_sweep(path)
     out = folder(spec)
     report = json.load(open(os.path.join(out, "report", "compare.json")))
@@ -150,7 +150,7 @@ def part(path: str) -> tuple[list[str], dict]:
         *[f"![{kind}](benchmarks/study/{os.path.basename(p)})" for kind, p in plots.items()],
     ]
     lines += [f"\n{n}" for n in report.get("notes", [])]
-    return lines, {"name": spec.name, "methods": m}
+    return lines
 
 
 def render(paths: list[str]) -> str:
@@ -181,8 +181,7 @@ def render(paths: list[str]) -> str:
     ]
     body = []
     for path in paths:
-        lines, _ = part(path)
-        body += lines + [""]
+        body += part(path) + [""]
     return "\n".join(head + body).rstrip() + "\n"
 
 

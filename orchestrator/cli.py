@@ -187,11 +187,12 @@ def cmd_cluster_cost(args) -> int:
     spec = load_sweep(args.file, validate_data=False)
     concurrency = args.concurrency
     if args.cluster:
-        errors = [] if is_kuberay(load_cluster(args.cluster)) else check_cluster_file(args.cluster)
+        config = load_cluster(args.cluster)
+        errors = [] if is_kuberay(config) else check_cluster_file(args.cluster)
         if errors:
             print("\n".join(errors), file=sys.stderr)
             return 2
-        concurrency = concurrency or max_concurrent_trials(spec, load_cluster(args.cluster))
+        concurrency = concurrency or max_concurrent_trials(spec, config)
     try:
         print(estimate_cost(spec, args.gpu_hour_usd, args.seconds_per_step, concurrency, args.head_hour_usd))
     except ValueError as e:  # a price or a step time out of range

@@ -43,7 +43,8 @@ from orchestrator.tasks import DataSpec, get_task
 
 Scheduler = Literal["fifo", "asha"]
 SearchAlg = Literal["random", "grid", "optuna"]
-TRIAL_SECTIONS = ("train", "deepspeed")  # sections a method's space may override per method
+# Sections a method's space may override per method (`train.lr`), with their config classes.
+TRIAL_SECTIONS = {"train": TrainConfig, "deepspeed": DeepSpeedConfig}
 
 
 @dataclasses.dataclass(frozen=True)

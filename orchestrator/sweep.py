@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 import methods
-from orchestrator.config import DeepSpeedConfig, Target, TrainConfig, TrialConfig
-from orchestrator.spec import SweepSpec
+from orchestrator.config import Target, TrialConfig
+from orchestrator.spec import TRIAL_SECTIONS, SweepSpec
 
 SUMMARY_FILE = "summary.json"
 
@@ -70,12 +70,11 @@ def trial_name(trial_config: dict[str, Any], point: dict[str, Any] | None = None
     """hybrid-r8-m2-tau0.5-seed1: method, the point's values under their fields' short names
     (declared by the fields: methods.config.short_name), seed."""
     method = trial_config["method"]["name"]
-    sections = {"train": TrainConfig, "deepspeed": DeepSpeedConfig}
     config_cls = methods.METHODS[method].config_cls if method in methods.METHODS else None
     parts = [method]
     for key, value in sorted((point or {}).items()):
         head, _, rest = key.partition(".")
-        cls, path = (sections[head], rest) if head in sections and rest else (config_cls, key)
+        cls, path = (TRIAL_SECTIONS[head], rest) if head in TRIAL_SECTIONS and rest else (config_cls, key)
         short = methods.short_name(cls, path) if cls else key.split(".")[-1]
         parts.append(f"{short}{value:.3g}" if isinstance(value, float) else f"{short}{value}")
     parts.append(f"seed{trial_config['train']['seed']}")
