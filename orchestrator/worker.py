@@ -355,7 +355,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         layers = methods.layer_diagnostics(engine.module)
         if layers:
             metrics["layers"] = layers
-        if layers:
             # Every rank must hold the same diagnostics (they come from reduced gradients, e.g. the
             # hybrid's gate): checked, not assumed. The same layers and names on every rank.
             values = [layers[n][k] for n in sorted(layers) for k in sorted(layers[n])]
