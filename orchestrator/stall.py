@@ -2,7 +2,8 @@
 
 Every worker runs a `Watchdog` thread; the loop calls `beat()` after setup, every optimizer step,
 around evaluations and after every report. When no beat came for `train.stall_timeout_s`, the
-watchdog writes the reason to the trial's folder (`stalled.json`) and ends its process: the rank
+watchdog writes the reason to the trial's folder (`stalled.json`, in the sweep's storage: a
+local folder or an s3:// / gs:// URI, through pyarrow as Ray's own storage) and ends its process: the rank
 waiting forever in a collective on a frozen peer, in a lock, in a dead data loader, is released,
 Ray Train sees a failed worker (and restarts the group from the last checkpoint while
 `train.max_failures` allows), and the driver turns a failed run with that file into
@@ -22,6 +23,31 @@ import time
 
 MARKER = "stalled.json"
 EXIT_CODE = 86  # the worker process's exit status when its watchdog fired
+WRITE_TIMEOUT_S = 30.0  # a storage that does not answer must not keep a stalled worker alive
+
+
+def marker_path(storage_path: str, name: str) -> str:
+    """<storage>/<name>/stalled.json; a URI keeps its query (s3://b/runs?endpoint_override=...)."""
+    if "://" not in storage_path:
+        return os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name, MARKER)
+    base, sep, query = storage_path.partition("?")
+    return f"{base.rstrip('/')}/{name}/{MARKER}{sep}{query}"
+
+
+def _filesystem(marker: str):
+    """(pyarrow filesystem, path) for a local path or a URI."""
+    import pyarrow.fs
+
+    if "://" not in marker:
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(marker)
+    return pyarrow.fs.FileSystem.from_uri(marker)
+
+
+def _write(marker: str, record: dict) -> None:
+    fs, path = _filesystem(marker)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(record).encode())
 
 
 class TrialStalled(RuntimeError):
@@ -46,28 +72,41 @@ class Watchdog:
                 continue
             reason = (f"stalled: rank {self.rank} made no progress for {idle:.0f} s in {self.doing} "
                       f"(train.stall_timeout_s={self.timeout_s:g})")
-            if self.marker:
-                try:
-                    os.makedirs(os.path.dirname(self.marker), exist_ok=True)
-                    with open(self.marker, "w") as f:
-                        json.dump({"reason": reason, "rank": self.rank, "time": time.time()}, f)
-                except OSError:
-                    pass
             print(reason, file=sys.stderr, flush=True)
+            if self.marker:  # best effort, bounded: the process ends either way
+                record = {"reason": reason, "rank": self.rank, "time": time.time()}
+                writer = threading.Thread(target=_write_quietly, args=(self.marker, record), daemon=True)
+                writer.start()
+                writer.join(WRITE_TIMEOUT_S)
             os._exit(EXIT_CODE)
+
+
+def _write_quietly(marker: str, record: dict) -> None:
+    try:
+        _write(marker, record)
+    except Exception as e:  # noqa: BLE001 - the reason is on stderr and in the error already
+        print(f"stall watchdog: could not write {marker}: {e}", file=sys.stderr, flush=True)
 
 
 def clear(marker: str | None) -> None:
     """Forget an earlier run's stall (a trial rerun from scratch or resumed by a sweep)."""
-    if marker and os.path.exists(marker):
-        os.remove(marker)
+    if not marker:
+        return
+    import pyarrow.fs
+
+    fs, path = _filesystem(marker)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)
 
 
 def reason(marker: str | None) -> str | None:
+    if not marker:
+        return None
     try:
-        with open(marker) as f:
-            return json.load(f)["reason"]
-    except (TypeError, OSError, ValueError, KeyError):
+        fs, path = _filesystem(marker)
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())["reason"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -54,14 +54,14 @@ def trial_driver(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator import stall
-    from orchestrator.trial import build_trainer, stall_marker
+    from orchestrator.trial import build_trainer
 
     cfg = TrialConfig.from_dict(config["run"]["trial"])
     target = Target(**config["target"])
     name = f"{config['sweep']}-{tune.get_context().get_trial_id()}"  # deterministic: restore finds it
     storage = os.path.join(config["storage"], "trials")
     trainer = build_trainer(cfg, target, storage, name, callbacks=[TuneReportCallback()])
-    marker = stall_marker(storage, name)
+    marker = stall.marker_path(storage, name)
     stall.clear(marker)
     stall.fit(trainer, marker)  # a stalled trial fails with its reason; the sweep goes on
 
@@ -195,7 +195,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     elif track:
         # The restored tracker logs under the first invocation's parent run; close that one at the end
         # (it stayed RUNNING when the first driver was interrupted or killed).
-        parent = tracking.sweep_parent_run(uri, tracking.experiment_name(spec), spec.name)
+        parent = tracking.sweep_parent_run(uri, tracking.experiment_name(spec), spec.name, reopen=True)
     from orchestrator.nodes import prepare_nodes
 
     timeline.mark("tracking_s")
@@ -204,12 +204,15 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume, cluster_file=cluster_file)
     started = time.time()
     try:
-        results = tuner.fit()
+        with StopSignal() as stop:
+            results = tuner.fit()
     except BaseException:
         if parent:
             tracking.finish_parent_run(uri, parent, None, status="FAILED")
         raise
-    if interrupted(results, spec):  # Ctrl-C: Tune saved its state; no summary of a partial sweep
+    if stop.received or interrupted(results, spec):  # Ctrl-C: Tune saved its state; no partial summary
+        if parent:  # KILLED until --resume reopens it
+            tracking.finish_parent_run(uri, parent, None, status="KILLED")
         raise KeyboardInterrupt
     summary = summarize(results, target)
     summary["wall_s"] = time.time() - started
@@ -241,6 +244,38 @@ def report_to_mlflow(spec: SweepSpec, uri: str, parent: str | None, summary: dic
         log_best_models(uri, tracking.experiment_name(spec), summary)  # the UI's Models column, the registry
     except Exception as e:  # noqa: BLE001 - the results are safe in storage; `orchestrate sync` retries
         warnings.warn(f"MLflow report failed ({e}); results are in {storage_path(spec)}; run `orchestrate sync`")
+
+
+class StopSignal:
+    """Whether Ctrl-C (SIGINT) ended Tune's run. Tune catches the signal itself (it saves its state
+    and stops the running trials, which then look like finished ones) and returns normally; its
+    handler puts back the one it replaced only when a stop signal came. So a marker handler set
+    before fit() and found in place after it means the run was interrupted. Main thread only
+    (where Tune catches signals), unless TUNE_DISABLE_SIGINT_HANDLER is set; the previous handler
+    is restored on exit."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.active = (threading.current_thread() is threading.main_thread()
+                       and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0")
+        self.received = False
+        self._signal = signal
+
+    def _marker(self, signum, frame):  # only runs if a signal comes outside Tune's run
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if self.active:
+            self._previous = self._signal.signal(self._signal.SIGINT, self._marker)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.received = exc[0] is None and self._signal.getsignal(self._signal.SIGINT) == self._marker
+            self._signal.signal(self._signal.SIGINT, self._previous)
+        return False
 
 
 def interrupted(results, spec: SweepSpec) -> bool:

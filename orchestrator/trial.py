@@ -60,7 +60,7 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
         train_loop_per_worker,
         # launched_at: the worker group's start-up is reported apart (worker_start_s), never in a clock.
         train_loop_config={"trial": cfg.to_dict(), "target": dataclasses.asdict(target), "name": name,
-                           "launched_at": time.time(), "stall_marker": stall_marker(storage_path, name)},
+                           "launched_at": time.time(), "stall_marker": stall.marker_path(storage_path, name)},
         # Generative tasks score on rank 0 (a sandbox, a judge) while the other ranks wait in a
         # broadcast: Ray's 30-minute default collective timeout would end a long MT-Bench judging.
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
@@ -82,11 +82,6 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
     )
 
 
-def stall_marker(storage_path: str, name: str) -> str | None:
-    """Where a worker's stall watchdog leaves its reason (local storage; remote: the error only)."""
-    return None if "://" in storage_path else os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name, stall.MARKER)
-
-
 def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial") -> Any:
     """Validate (before anything starts), then run one trial to completion; returns Ray's Result.
     A trial whose workers stalled raises stall.TrialStalled."""
@@ -94,7 +89,7 @@ def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial")
 
     target = validate_trial(cfg)  # the DeepSpeed config too: a bad JSON fails here, not in a worker
     prepare_nodes([cfg])  # op builds and downloads before the trial's clock starts
-    marker = stall_marker(storage_path, name)
+    marker = stall.marker_path(storage_path, name)
     stall.clear(marker)
     return stall.fit(build_trainer(cfg, target, storage_path, name), marker)
 

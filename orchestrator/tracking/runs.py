@@ -87,8 +87,9 @@ def start_parent_run(spec, plan: list[dict] | None, uri: str, target=None) -> st
         raise ConfigError(f"tracking.uri={uri}: cannot create the MLflow experiment or parent run ({e})") from None
 
 
-def sweep_parent_run(uri: str, experiment: str, sweep: str) -> str | None:
-    """The latest parent run of sweep `sweep` (what a resumed sweep continues), or None."""
+def sweep_parent_run(uri: str, experiment: str, sweep: str, reopen: bool = False) -> str | None:
+    """The latest parent run of sweep `sweep` (what a resumed sweep continues), or None. With
+    `reopen`, a parent that Ctrl-C left KILLED (or a crash left RUNNING) is RUNNING again."""
     from mlflow import MlflowClient
 
     try:
@@ -96,6 +97,8 @@ def sweep_parent_run(uri: str, experiment: str, sweep: str) -> str | None:
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id], f"tags.orchestrator.kind = 'sweep' and tags.sweep = '{sweep}'",
                                   order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        if runs and reopen and runs[0].info.status != "RUNNING":
+            client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id if runs else None
     except Exception as e:  # noqa: BLE001 - a resumed sweep runs without it; sync fills MLflow later
         log.warning("MLflow: no parent run found to resume (%s)", e)

@@ -48,7 +48,7 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_session, mlflow_server, tmp_path):
+def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_session, mlflow_server, tmp_path):  # noqa: F811
     import dataclasses
 
     spec = load_sweep(str(write_sweep(tmp_path)))
@@ -104,11 +104,12 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     """The sweep driver and its local Ray SIGKILLed mid-sweep (a lost head node), then --resume: the
     finished trial is kept and not rerun, MLflow has one child run per trial, and the first
     invocation's parent run is closed by the resumed one."""
-    # The second trial runs 3x longer: the driver is killed while it runs, never after it ended.
-    path = write_sweep(tmp_path, methods={"lora": {"r": 2, "train.max_steps": {"grid": [6, 18]}}},
+    # The kill waits for Tune to save its state after the first trial ended (Tune saves at most
+    # every 10 s unless told otherwise: 1 s here), and lands while the second, longer one runs.
+    path = write_sweep(tmp_path, methods={"lora": {"r": 2, "train.max_steps": {"grid": [6, 12]}}},
                        tune={"num_samples": 1, "seeds": [0], "scheduler": "fifo", "max_concurrent_trials": 1},
                        train={"max_steps": 6, "batch_size": 8, "eval_every": 3, "lr": 2e-3})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)]
     sweep_dir = tmp_path / "runs" / "e2e"
     log = open(tmp_path / "first.log", "w")
@@ -124,7 +125,7 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
         if finished and len(results) > len(finished) and states and os.path.getmtime(states[0]) > done_at:
             break
         time.sleep(0.5)
-    assert finished, (tmp_path / "first.log").read_text()[-3000:]
+    assert finished and proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: nothing is closed or flushed
     proc.wait(timeout=60)
     assert not (sweep_dir / "summary.json").exists(), "the sweep finished before it could be killed"
@@ -137,7 +138,7 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert len(summary["trials"]) == 2
     assert all(t["status"] == "TERMINATED" for t in summary["trials"]), summary["trials"]
-    assert sorted(t["step"] for t in summary["trials"]) == [6, 18], summary["trials"]
+    assert sorted(t["step"] for t in summary["trials"]) == [6, 12], summary["trials"]
     # MLflow (the sweep's SQLite store): one child run per trial, under one parent, now closed.
     from mlflow import MlflowClient
 
@@ -151,6 +152,40 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     live = (tmp_path / "first.log").read_text().splitlines()
     assert any(ln.startswith("trial=") and "status=RUNNING" in ln for ln in live)
     assert not any("(raylet)" in ln or "trials done" in ln for ln in live)
+
+
+def test_ctrl_c_exits_130_keeps_what_was_reported_and_marks_the_parent_killed(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) mid-trial: the driver exits 130 with a hint to
+    resume, writes no summary of a partial sweep, keeps the trial's reports, and the MLflow parent
+    run says KILLED (a later --resume reopens it: the driver-kill test resumes)."""
+    path = write_sweep(tmp_path, methods={"lora": {"r": 2}}, tune={"num_samples": 1, "seeds": [0], "scheduler": "fifo"},
+                       train={"max_steps": 200, "batch_size": 8, "eval_every": 2, "lr": 2e-3})
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)]
+    sweep_dir = tmp_path / "runs" / "e2e"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any(_results(sweep_dir).values()):
+            time.sleep(0.5)
+        reported = {k: len(v) for k, v in _results(sweep_dir).items()}
+        assert reported, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "resume with `orchestrate sweep FILE --resume`" in (tmp_path / "first.log").read_text()
+    assert not (sweep_dir / "summary.json").exists()
+    after = _results(sweep_dir)
+    assert all(len(after[k]) >= n for k, n in reported.items())  # nothing reported is lost
+    assert max(r["step"] for rows in after.values() for r in rows) < 200  # it was stopped, not finished
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    (parent,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.orchestrator.kind = 'sweep'")
+    assert parent.info.status == "KILLED"
 
 
 def test_optuna_search_within_a_time_budget(ray_session, tmp_path):

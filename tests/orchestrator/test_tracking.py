@@ -515,3 +515,25 @@ def test_storage_trial_that_failed_before_reporting(tmp_path):
     (t,) = tracking.stored_trials(str(tmp_path / "demo"), summary, "demo")
     assert (t["trial_id"], t["reports"], t["row"]["status"]) == ("abcde_00003", [], "ERROR")
     assert "placement group timed out" in t["error"]
+
+
+def test_a_stalled_workers_reason_reaches_s3_storage(s3_storage):
+    """A worker whose watchdog fires on s3:// storage leaves its reason in the bucket (where the
+    driver reads it to fail the trial as `stalled`), then its process ends with the watchdog's code."""
+    import subprocess
+    import sys
+
+    from orchestrator import stall
+
+    marker = stall.marker_path(f"s3://bucket/runs?{s3_storage['query']}", "demo-stalls")
+    assert marker == f"s3://bucket/runs/demo-stalls/stalled.json?{s3_storage['query']}"
+    frozen = ("import time; from orchestrator import stall; "
+              f"stall.Watchdog(1.0, {marker!r}, rank=1); time.sleep(120)")  # no beat ever comes
+    done = subprocess.run([sys.executable, "-c", frozen], capture_output=True, text=True, timeout=90)
+    assert done.returncode == stall.EXIT_CODE, done.stderr[-2000:]
+    why = stall.reason(marker)
+    assert why and why.startswith("stalled: rank 1 made no progress for ") and "stall_timeout_s=1" in why
+    assert s3_storage["fs"].get_file_info("bucket/runs/demo-stalls/stalled.json").size > 0
+    stall.clear(marker)  # a rerun starts without the old reason
+    assert stall.reason(marker) is None
+    stall.clear(marker)  # and clearing nothing is fine
