@@ -1,7 +1,7 @@
 """What a trial costs beyond its training: a plain PyTorch loop against the same trial through
 `orchestrate sweep`, alone and six times in a row, in one run.
 
-    python benchmarks/overhead.py            # ~5 minutes on 2 cores
+    python benchmarks/overhead.py            # ~10 minutes on 2 cores
     python benchmarks/overhead.py --write    # and record it in BENCHMARKS.md
 
 The work is the quickstart's hybrid trial (all-MiniLM-L6-v2, BBC News, 512 train / 128 eval,
@@ -12,8 +12,9 @@ same steps whatever its seed:
   sweep1  `orchestrate sweep` of that one trial (Ray Tune -> Ray Train, 2 workers x 1 pinned core,
           DeepSpeed ZeRO-2, MLflow in a local SQLite store), driver start to exit;
   sweep6  the same sweep with 6 seeds, one trial at a time;
-  poll    sweep1 again with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.25 (Ray's default is 2 s):
-          what a faster controller poll would buy.
+  floor   Ray Train's own cost per run: a bare `TorchTrainer` of 2 workers x 0.49 CPU whose train
+          function does nothing, three `fit()`s in one process after Ray started (median), with the
+          environment `orchestrate sweep` gives a local Ray: what no code of this project can cut.
 Each plain loop runs twice (the mean is used). The per-part breakdown comes from the sweep's
 `summary.json` (`driver`: the driver's timeline) and the trials' reports (`worker_start_s`,
 `setup_s`, method init, steps, evaluations, checkpoints). The fixed cost of a trial is the
@@ -93,6 +94,31 @@ def plain_loop() -> None:
                       "loop_s": time.time() - t_loop, "accuracy": metrics.get("accuracy")}))
 
 
+def _empty(config) -> None:
+    pass
+
+
+def ray_floor() -> None:
+    """Three fit()s of an empty TorchTrainer; prints their wall times as JSON."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.cli import LOCAL_RAY_ENV
+
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    tmp = tempfile.mkdtemp(prefix="floor-")
+    walls = []
+    for i in range(3):
+        started = time.time()
+        TorchTrainer(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
+                     run_config=ray.train.RunConfig(name=f"floor{i}", storage_path=tmp)).fit()
+        walls.append(time.time() - started)
+    print(json.dumps({"fit_s": walls}))
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
     started = time.time()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -146,9 +172,9 @@ def main() -> None:
     print(f"one-trial sweep: {one['wall_s']:.1f} s", flush=True)
     six = sweep(tmp, "overhead6", 6, env)
     print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
-    # What a faster Ray Train controller poll would buy (Ray's default is 2 s; see BENCHMARKS.md).
-    slow_poll = sweep(tmp, "overhead1poll", 1, {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
-    print(f"one-trial sweep, 0.25 s poll: {slow_poll['wall_s']:.1f} s", flush=True)
+    _, out = timed([sys.executable, __file__, "--ray-floor"], env)
+    floor = json.loads(out.strip().splitlines()[-1])["fit_s"]
+    print(f"empty TorchTrainer fit(): {', '.join(f'{w:.1f}' for w in floor)} s", flush=True)
 
     marginal = (six["wall_s"] - one["wall_s"]) / 5
     trial_mean = {k: statistics.mean(t[k] for t in six["trials"]) for k in (*TRIAL_PARTS, "elapsed_s")}
@@ -169,8 +195,8 @@ def main() -> None:
         f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
         f"trial: {fmt_parts(one['trials'][0])} |",
         f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
-        f"| one-trial sweep with a 0.25 s Ray Train controller poll (default 2 s) | {slow_poll['wall_s']:.1f} | driver: "
-        f"{fmt_parts(slow_poll['driver'])}; trial: {fmt_parts(slow_poll['trials'][0])} |",
+        f"| Ray Train alone: an empty train function, 2 workers (`fit()`, Ray already started) | "
+        f"{statistics.median(floor):.1f} | three runs: {', '.join(f'{w:.1f}' for w in floor)} |",
         "",
         f"- marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5: {marginal:.1f} s; "
         f"fixed cost per trial over the plain loop: **{marginal - plain:.1f} s** (goal <= 10 s)",
@@ -178,6 +204,8 @@ def main() -> None:
         f"worker setup {trial_mean['setup_s']:.1f} s, method init + steps + evaluations "
         f"{trial_mean['method_init_s'] + trial_mean['train_s'] + trial_mean['eval_s']:.1f} s; "
         f"the rest of the marginal cost ({marginal - span:.1f} s) is Tune's trial actor start and Train's shutdown",
+        f"- of that fixed cost, Ray Train's own run start and end (the empty function's `fit()`) is "
+        f"{statistics.median(floor):.1f} s; the plain loop pays none of it",
         f"- six-trial sweep / six plain loops: **{six['wall_s'] / (6 * plain):.2f}x** (goal <= 1.25x); "
         f"one-trial sweep / one plain loop: {one['wall_s'] / plain:.2f}x",
     ]
@@ -191,7 +219,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     START = time.time()
-    if sys.argv[1:] == ["--plain"]:
+    if sys.argv[1:] == ["--ray-floor"]:
+        ray_floor()
+    elif sys.argv[1:] == ["--plain"]:
         import psutil
 
         START = psutil.Process().create_time()

@@ -75,6 +75,12 @@ def print_plan(spec) -> None:
         print(f"  {trial_name(t['trial'], t['point'])}")
 
 
+# A local Ray's one node is never drained (no autoscaler, no spot instances): Ray Train's preemption
+# watcher, one more actor process started with every trial, has nothing to watch there. Clusters
+# keep it. A user's own setting wins.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str] | None = None):
     """Ray for this sweep: the cluster at `address` / $RAY_ADDRESS, else a local one. `env_vars`
     reach every worker on a cluster (a local Ray's workers inherit this process's environment)."""
@@ -93,6 +99,8 @@ def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
 
 

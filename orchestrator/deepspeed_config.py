@@ -1,15 +1,34 @@
 """The DeepSpeed config, generated from the trial's few explicit settings in one place, so that
-no sweep file ever names DeepSpeed's own keys (and two batch sizes can never drift apart)."""
+no sweep file ever names DeepSpeed's own keys (and two batch sizes can never drift apart); and
+DeepSpeed's import, without what a trial never uses."""
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import torch
 
 from methods.config import ConfigError
 from orchestrator.config import TrialConfig
+
+
+def import_deepspeed() -> None:
+    """Import DeepSpeed without MLflow. Its autotuner imports `mlflow` whenever it is installed
+    (2 of DeepSpeed's 2.7 s import on 2 cores, in every worker of every trial) only to log
+    autotuning runs, which trials never start; a trial's tracking is the driver's. MLflow stays
+    importable afterwards."""
+    if "deepspeed" in sys.modules:
+        return
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's has_mlflow = False
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        if blocked:
+            del sys.modules["mlflow"]
 
 
 def resolve_precision(precision: str) -> str:

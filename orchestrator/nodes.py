@@ -67,6 +67,9 @@ def prepare_node(ops: list[str], models: list[str], max_lock_age_s: float = STAL
     for op in ops:
         started = time.time()
         try:
+            from orchestrator.deepspeed_config import import_deepspeed
+
+            import_deepspeed()
             from deepspeed.accelerator import get_accelerator
 
             builder = get_accelerator().create_op_builder(op)

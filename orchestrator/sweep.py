@@ -173,6 +173,19 @@ class Timeline:
         self.last = now
 
 
+def _parent_run(spec: SweepSpec, uri: str, target: Target, track: bool, resume: bool) -> str | None:
+    """A new sweep's MLflow parent run; a resumed sweep's own, reopened (the restored tracker logs
+    under it; it stayed RUNNING or KILLED when the first driver was killed or interrupted)."""
+    from orchestrator import tracking
+
+    if not track:
+        return None
+    if resume:
+        return tracking.sweep_parent_run(uri, tracking.experiment_name(spec), spec.name, reopen=True)
+    plan = spec.plan() if spec.tune.search_alg != "optuna" else None
+    return tracking.start_parent_run(spec, plan, uri, target)
+
+
 def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool = False, track: bool = True,
               cluster_file: str | None = None):
     """Run (or resume) the sweep; returns (Tune's ResultGrid, summary). Ray must be initialised.
@@ -186,21 +199,28 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     timeline = Timeline()
     target = spec.resolve_target()
     live = [] if quiet else [LiveTable(target)]
-    uri, parent = tracking.tracking_uri(spec), None
+    uri = tracking.tracking_uri(spec)
     if track and not resume:
-        tracking.check_tracking_uri(uri)
-        plan = spec.plan() if spec.tune.search_alg != "optuna" else None
-        parent = tracking.start_parent_run(spec, plan, uri, target)
-        live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
-    elif track:
-        # The restored tracker logs under the first invocation's parent run; close that one at the end
-        # (it stayed RUNNING when the first driver was interrupted or killed).
-        parent = tracking.sweep_parent_run(uri, tracking.experiment_name(spec), spec.name, reopen=True)
+        tracking.check_tracking_uri(uri)  # a bad address fails here, in seconds, before anything starts
+    from concurrent.futures import ThreadPoolExecutor
+
     from orchestrator.nodes import prepare_nodes
 
-    timeline.mark("tracking_s")
-    prepare_nodes(trial_configs(spec), quiet=quiet)  # op builds and downloads outside every trial's clock
-    timeline.mark("prepare_nodes_s")
+    # The parent run opens (a new SQLite store takes seconds to create) while the nodes build their
+    # ops, outside every trial's clock: the driver's start-up pays the longer of the two, not both.
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(_parent_run, spec, uri, target, track, resume)
+        try:
+            prepare_nodes(trial_configs(spec), quiet=quiet)
+        except BaseException:
+            if (parent := opening.result()) is not None:
+                tracking.finish_parent_run(uri, parent, None, status="FAILED")
+            raise
+        timeline.mark("prepare_nodes_s")
+        parent = opening.result()
+    timeline.mark("tracking_s")  # what opening the parent run took beyond the nodes' preparation
+    if track and not resume:
+        live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
     tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume, cluster_file=cluster_file)
     started = time.time()
     try:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import methods
 from methods import collectives
 from orchestrator import cores, memory, report, stall
 from orchestrator.config import Target, TrialConfig
-from orchestrator.deepspeed_config import build_deepspeed_config, generated_optimizer, resolve_precision
+from orchestrator.deepspeed_config import build_deepspeed_config, generated_optimizer, import_deepspeed, resolve_precision
 from orchestrator.tasks import get_task
 
 _zero3_loading = None  # see load_model
@@ -199,23 +198,6 @@ def build_engine(model, cfg: TrialConfig):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     return engine
-
-
-def import_deepspeed() -> None:
-    """Import DeepSpeed without MLflow. Its autotuner imports `mlflow` whenever it is installed
-    (2 of DeepSpeed's 2.7 s import on 2 cores, in every worker of every trial) only to log
-    autotuning runs, which trials never start; a trial's tracking is the driver's. MLflow stays
-    importable afterwards."""
-    if "deepspeed" in sys.modules:
-        return
-    blocked = "mlflow" not in sys.modules
-    if blocked:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's has_mlflow = False
-    try:
-        import deepspeed  # noqa: F401
-    finally:
-        if blocked:
-            del sys.modules["mlflow"]
 
 
 # ----------------------------------------------------------------------------- the worker loop
