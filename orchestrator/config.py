@@ -244,7 +244,7 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
     from orchestrator.tasks.assets import model_path
 
     path = model_path(cfg.model.name_or_path, convert=False)  # a GGUF not yet converted: checked by the worker
-    model = meta_model(path, task.kind, task.num_labels) if path else None
+    model = meta_model(path, task.name) if path else None
     if model is None:
         return
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -263,21 +263,19 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def meta_model(path: str, kind: str, num_labels: int | None):
-    """The model's architecture on the meta device (config.json only), or None if unreadable."""
+def meta_model(path: str, task_name: str):
+    """The model's architecture for the task on the meta device (config.json only), or None if unreadable."""
     import torch
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoConfig
 
+    from orchestrator.tasks import get_task
+
+    task = get_task(task_name)
     try:  # a local folder or the Hugging Face cache only: validation never waits on the network
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):  # a hub name not yet downloaded, gguf-only folder, unknown architecture
         return None
+    for key, value in task.model_options().items():
+        setattr(config, key, value)
     with torch.device("meta"):
-        if kind == "classification":
-            config.num_labels = num_labels
-            return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForCausalLM.from_config(config)
+        return task.auto_model().from_config(config)

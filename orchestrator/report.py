@@ -38,6 +38,7 @@ class Field:
     help: str
     mode: Mode | None = None  # which way is better, where it is compared
     metric: bool = True  # a number logged as an MLflow metric
+    compared: bool = False  # a column of `orchestrate compare` (median over seeds, per trial in its CSVs)
 
 
 FIELDS: dict[str, Field] = {f.name: f for f in (
@@ -54,21 +55,21 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("eval_s", "s", "evaluations"),
     Field("checkpoint_s", "s", "checkpoint writes"),
     Field("worker_start_s", "s", "from the trainer's launch to the worker loop's start (worker group start; first launch only)"),
-    Field("time_to_quality_s", "s", "wall clock from worker start to the first report at target", "min"),
-    Field("train_time_to_quality_s", "s", "method_init_s + train_s + eval_s at the first report at target", "min"),
-    Field("samples_to_quality", "samples", "samples consumed when the target was first reached", "min"),
+    Field("time_to_quality_s", "s", "wall clock from worker start to the first report at target", "min", compared=True),
+    Field("train_time_to_quality_s", "s", "method_init_s + train_s + eval_s at the first report at target", "min", compared=True),
+    Field("samples_to_quality", "samples", "samples consumed when the target was first reached", "min", compared=True),
     Field("tokens_to_quality", "tokens", "tokens consumed when the target was first reached", "min"),
-    Field("peak_memory_mb", "MB", "GPU: peak allocated; CPU: counted tensor memory (sum of the parts)", "min"),
-    Field("memory_weights_mb", "MB", "parameters held by this rank (ZeRO-3: its partition)"),
-    Field("memory_gradients_mb", "MB", "gradients of trainable parameters held by this rank (ZeRO-2/3: its partition)"),
-    Field("memory_optimizer_mb", "MB", "optimizer state and master weights held by this rank (as DeepSpeed partitions them)"),
-    Field("memory_activations_mb", "MB", "peak of tensors saved for backward over a measured training step"),
+    Field("peak_memory_mb", "MB", "GPU: peak allocated; CPU: counted tensor memory (sum of the parts)", "min", compared=True),
+    Field("memory_weights_mb", "MB", "parameters held by this rank (ZeRO-3: its partition)", compared=True),
+    Field("memory_gradients_mb", "MB", "gradients of trainable parameters held by this rank (ZeRO-2/3: its partition)", compared=True),
+    Field("memory_optimizer_mb", "MB", "optimizer state and master weights held by this rank (as DeepSpeed partitions them)", compared=True),
+    Field("memory_activations_mb", "MB", "peak of tensors saved for backward over a measured training step", compared=True),
     Field("gpu_reserved_mb", "MB", "GPU: peak memory reserved by torch's caching allocator"),
-    Field("rss_peak_mb", "MB", "max resident set size of the worker process"),
+    Field("rss_peak_mb", "MB", "max resident set size of the worker process", compared=True),
     Field("rss_above_baseline_mb", "MB", "max RSS minus the RSS before the model was loaded"),
-    Field("trainable_params", "params", "parameters the optimizer updates", "min"),
+    Field("trainable_params", "params", "parameters the optimizer updates", "min", compared=True),
     Field("total_params", "params", "all parameters of the adapted model"),
-    Field("concurrent_trials", "trials", "most other trials that trained on this node at the same time"),
+    Field("concurrent_trials", "trials", "most other trials that trained on this node at the same time", compared=True),
     Field("num_nodes", "nodes", "distinct nodes the trial's workers ran on"),
     Field("cpu_threads", "threads", "torch intra-op threads per worker (CPU: the pinned cores)", metric=False),
     Field("layer_rank_spread", "", "largest difference of a per-layer diagnostic between ranks (0: replicas agree)", "min"),

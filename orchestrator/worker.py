@@ -63,7 +63,7 @@ def load_model(cfg: TrialConfig, task):
     """Tokenizer and model by hub name or local folder (null = the bundled MiniLM). Under ZeRO-3
     the weights are partitioned as they load (transformers' `HfDeepSpeedConfig` turns on
     `deepspeed.zero.Init`), so a model that only fits sharded never exists whole on one worker."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from orchestrator.tasks.assets import model_path
 
@@ -80,11 +80,9 @@ def load_model(cfg: TrialConfig, task):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # causal LMs often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    if task.kind == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
+    model = task.auto_model().from_pretrained(path, **task.model_options())
+    if task.kind == "classification":  # the head finds each sequence's last token by its padding
         model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
     return tokenizer, model
 
 

@@ -159,6 +159,19 @@ class Task(abc.ABC):
     OPTIONAL_FIELDS = ("languages", "max_new_tokens", "num_samples", "judge")
     uses: frozenset[str] = frozenset()
 
+    def auto_model(self):
+        """The transformers auto class of the model this task trains, chosen here only: the worker
+        loads the weights with it, validation builds the architecture on the meta device."""
+        import transformers
+
+        if self.kind == "classification":
+            return transformers.AutoModelForSequenceClassification
+        return transformers.AutoModelForCausalLM
+
+    def model_options(self) -> dict[str, Any]:
+        """What the auto class needs beyond the checkpoint (a classification head's label count)."""
+        return {"num_labels": self.num_labels} if self.kind == "classification" else {}
+
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
         """Every metric `evaluate` returns for this spec (per-language ones included)."""
         return self.metrics
