@@ -104,10 +104,9 @@ def ray_floor() -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.cli import LOCAL_RAY_ENV
+    from orchestrator.cli import use_local_ray_env
 
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    use_local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="floor-")
     walls = []

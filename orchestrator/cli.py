@@ -75,10 +75,12 @@ def print_plan(spec) -> None:
         print(f"  {trial_name(t['trial'], t['point'])}")
 
 
-# A local Ray's one node is never drained (no autoscaler, no spot instances): Ray Train's preemption
-# watcher, one more actor process started with every trial, has nothing to watch there. Clusters
-# keep it. A user's own setting wins.
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+def use_local_ray_env() -> None:
+    """Settings for a Ray this process starts itself, before `ray.init`; a user's own setting wins.
+    A local Ray's one node is never drained (no autoscaler, no spot instances): Ray Train's
+    preemption watcher, one more actor process started with every trial, has nothing to watch
+    there. Clusters keep it."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str] | None = None):
@@ -99,8 +101,7 @@ def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    use_local_ray_env()
     return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
 
 

@@ -158,10 +158,9 @@ def ray_session():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    from orchestrator.cli import LOCAL_RAY_ENV  # as `orchestrate sweep` starts its local Ray
+    from orchestrator.cli import use_local_ray_env
 
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    use_local_ray_env()  # as `orchestrate sweep` starts its local Ray
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              log_to_driver=True, configure_logging=False)
     yield ray
