@@ -21,33 +21,16 @@ import sys
 import threading
 import time
 
+from orchestrator import storage
+
 MARKER = "stalled.json"
 EXIT_CODE = 86  # the worker process's exit status when its watchdog fired
 WRITE_TIMEOUT_S = 30.0  # a storage that does not answer must not keep a stalled worker alive
 
 
 def marker_path(storage_path: str, name: str) -> str:
-    """<storage>/<name>/stalled.json; a URI keeps its query (s3://b/runs?endpoint_override=...)."""
-    if "://" not in storage_path:
-        return os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name, MARKER)
-    base, sep, query = storage_path.partition("?")
-    return f"{base.rstrip('/')}/{name}/{MARKER}{sep}{query}"
-
-
-def _filesystem(marker: str):
-    """(pyarrow filesystem, path) for a local path or a URI."""
-    import pyarrow.fs
-
-    if "://" not in marker:
-        return pyarrow.fs.LocalFileSystem(), os.path.abspath(marker)
-    return pyarrow.fs.FileSystem.from_uri(marker)
-
-
-def _write(marker: str, record: dict) -> None:
-    fs, path = _filesystem(marker)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(record).encode())
+    """<storage>/<name>/stalled.json (orchestrator.storage: a local folder or a URI)."""
+    return storage.join(storage_path, name, MARKER)
 
 
 class TrialStalled(RuntimeError):
@@ -83,29 +66,22 @@ class Watchdog:
 
 def _write_quietly(marker: str, record: dict) -> None:
     try:
-        _write(marker, record)
+        storage.write_bytes(marker, json.dumps(record).encode())
     except Exception as e:  # noqa: BLE001 - the reason is on stderr and in the error already
         print(f"stall watchdog: could not write {marker}: {e}", file=sys.stderr, flush=True)
 
 
 def clear(marker: str | None) -> None:
     """Forget an earlier run's stall (a trial rerun from scratch or resumed by a sweep)."""
-    if not marker:
-        return
-    import pyarrow.fs
-
-    fs, path = _filesystem(marker)
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-        fs.delete_file(path)
+    if marker:
+        storage.delete(marker)
 
 
 def reason(marker: str | None) -> str | None:
     if not marker:
         return None
     try:
-        fs, path = _filesystem(marker)
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())["reason"]
+        return json.loads(storage.read_bytes(marker))["reason"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

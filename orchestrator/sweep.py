@@ -17,35 +17,26 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
 import methods
+from orchestrator import storage
 from orchestrator.config import Target, TrialConfig
 from orchestrator.spec import TRIAL_SECTIONS, SweepSpec
 
 SUMMARY_FILE = "summary.json"
 
 
-def write_summary(storage: str, name: str, summary: dict[str, Any]) -> str:
+def write_summary(storage_path: str, name: str, summary: dict[str, Any]) -> str:
     """<storage>/<name>/summary.json, beside Ray's results: a local folder or any URI pyarrow
     opens (s3://, gs://, file://), as Ray's own storage does. Returns where it went."""
-    text = json.dumps(summary, indent=2, default=str)
-    if "://" not in storage:
-        path = os.path.join(storage, name, SUMMARY_FILE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-    path = f"{root.rstrip('/')}/{name}/{SUMMARY_FILE}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-    return f"{storage.rstrip('/')}/{name}/{SUMMARY_FILE}"
+    location = storage.join(storage_path, name, SUMMARY_FILE)
+    storage.write_bytes(location, json.dumps(summary, indent=2, default=str).encode())
+    return location
 
 
 def trial_driver(config: dict[str, Any]) -> None:
@@ -59,9 +50,9 @@ def trial_driver(config: dict[str, Any]) -> None:
     cfg = TrialConfig.from_dict(config["run"]["trial"])
     target = Target(**config["target"])
     name = f"{config['sweep']}-{tune.get_context().get_trial_id()}"  # deterministic: restore finds it
-    storage = os.path.join(config["storage"], "trials")
-    trainer = build_trainer(cfg, target, storage, name, callbacks=[TuneReportCallback()])
-    marker = stall.marker_path(storage, name)
+    trials = storage.join(config["storage"], "trials")
+    trainer = build_trainer(cfg, target, trials, name, callbacks=[TuneReportCallback()])
+    marker = stall.marker_path(trials, name)
     stall.clear(marker)
     stall.fit(trainer, marker)  # a stalled trial fails with its reason; the sweep goes on
 
@@ -275,26 +266,22 @@ class StopSignal:
     is restored on exit."""
 
     def __init__(self):
-        import signal
-        import threading
-
         self.active = (threading.current_thread() is threading.main_thread()
                        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0")
         self.received = False
-        self._signal = signal
 
     def _marker(self, signum, frame):  # only runs if a signal comes outside Tune's run
         raise KeyboardInterrupt
 
     def __enter__(self):
         if self.active:
-            self._previous = self._signal.signal(self._signal.SIGINT, self._marker)
+            self._previous = signal.signal(signal.SIGINT, self._marker)
         return self
 
     def __exit__(self, *exc):
         if self.active:
-            self.received = exc[0] is None and self._signal.getsignal(self._signal.SIGINT) == self._marker
-            self._signal.signal(self._signal.SIGINT, self._previous)
+            self.received = exc[0] is None and signal.getsignal(signal.SIGINT) == self._marker
+            signal.signal(signal.SIGINT, self._previous)
         return False
 
 
