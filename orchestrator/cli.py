@@ -44,7 +44,7 @@ def smoke(spec):
              max_eval_samples=8 if generative or "languages" in task.uses else 32,
              samples_per_language=min(spec.data.samples_per_language, 8))
     if generative:
-        data = r(data, max_new_tokens=min(spec.data.max_new_tokens or task.default_max_new_tokens, 16))
+        data = r(data, max_new_tokens=min(task.new_tokens(spec.data), 16))
     return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 2), eval_every=2), data=data,
              tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]),
              # 0.49 CPU: one pinned core (orchestrator.cores), so two trials share a 2-core machine

@@ -250,8 +250,8 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if context and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length={cfg.data.max_length}: longer than the model's context ({context} tokens)")
-    new_tokens = cfg.data.max_new_tokens or getattr(task, "default_max_new_tokens", 0)
-    if context and "max_new_tokens" in task.uses and new_tokens >= context:
+    new_tokens = task.new_tokens(cfg.data)
+    if context and new_tokens >= context:
         raise ConfigError(f"data.max_new_tokens={new_tokens}: leaves no room for the prompt in the model's "
                           f"context ({context} tokens)")
     try:

@@ -158,6 +158,12 @@ class Task(abc.ABC):
     # DataSpec fields that only some tasks read; setting one a task ignores is an error, not a no-op.
     OPTIONAL_FIELDS = ("languages", "max_new_tokens", "num_samples", "judge")
     uses: frozenset[str] = frozenset()
+    default_max_new_tokens: int = 0  # generative tasks: tokens generated per answer unless data.max_new_tokens
+
+    def new_tokens(self, spec: DataSpec) -> int:
+        """Tokens generated per answer: data.max_new_tokens, else the task's default; 0 for a task
+        that generates nothing. Resolved here only (evaluation, validation and --smoke-test)."""
+        return (spec.max_new_tokens or self.default_max_new_tokens) if "max_new_tokens" in self.uses else 0
 
     def auto_model(self):
         """The transformers auto class of the model this task trains, chosen here only: the worker

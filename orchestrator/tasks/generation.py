@@ -62,7 +62,7 @@ class GenerativeTask(CausalLMTask):
 
     def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
         batch = self.collate(tokenizer, examples, max_length=spec.max_length) if self.has_references else {}
-        max_new_tokens = spec.max_new_tokens or self.default_max_new_tokens
+        max_new_tokens = self.new_tokens(spec)
         # Generation prompts are not cut to data.max_length (a training setting): a HumanEval
         # problem without its `def` line or an MT-Bench turn 2 without turn 1 is a different
         # question. Only the model's context, when the tokenizer knows it, bounds them.
