@@ -106,9 +106,10 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     invocation's parent run is closed by the resumed one."""
     # The kill waits for Tune to save its state after the first trial ended (Tune saves at most
     # every 10 s unless told otherwise: 1 s here), and lands while the second, longer one runs.
-    path = write_sweep(tmp_path, methods={"lora": {"r": 2, "train.max_steps": {"grid": [6, 12]}}},
+    path = write_sweep(tmp_path, methods={"lora": {"r": 2, "train.max_steps": {"grid": [3, 6]}}},
+                       data={"name": "bbc_news", "max_train_samples": 64, "max_eval_samples": 32, "max_length": 32},
                        tune={"num_samples": 1, "seeds": [0], "scheduler": "fifo", "max_concurrent_trials": 1},
-                       train={"max_steps": 6, "batch_size": 8, "eval_every": 3, "lr": 2e-3})
+                       train={"max_steps": 3, "batch_size": 8, "eval_every": 3, "lr": 2e-3})
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)]
     sweep_dir = tmp_path / "runs" / "e2e"
@@ -138,7 +139,7 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert len(summary["trials"]) == 2
     assert all(t["status"] == "TERMINATED" for t in summary["trials"]), summary["trials"]
-    assert sorted(t["step"] for t in summary["trials"]) == [6, 12], summary["trials"]
+    assert sorted(t["step"] for t in summary["trials"]) == [3, 6], summary["trials"]
     # MLflow (the sweep's SQLite store): one child run per trial, under one parent, now closed.
     from mlflow import MlflowClient
 
