@@ -74,7 +74,7 @@ def plain_loop() -> None:
     micro = cfg.micro_batch_size
     eval_batches = [task.collate_eval(tokenizer, evals[i : i + micro * 2], cfg.data) for i in range(0, len(evals), micro * 2)]
     grad_batches = (b for _, b in shard_batches(train, collate, micro, cfg.train.seed + 1, 0, 1))
-    methods.apply_method(model, cfg.method.build(), batches=grad_batches, modules_to_save=head_modules(model, cfg, task))
+    methods.apply_method(model, cfg.method, batches=grad_batches, modules_to_save=head_modules(model, cfg, task))
     opt = torch.optim.AdamW(methods.trainable_parameters(model), lr=cfg.train.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     t_loop = time.time()

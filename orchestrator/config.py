@@ -37,21 +37,17 @@ class ModelConfig:
             object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """Which adapter (a `methods.METHODS` name) and its settings (that method's config fields)."""
-
-    name: str = dataclasses.field(default="lora", metadata={"help": "method: " + ", ".join(sorted(methods.METHODS))})
-    config: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "the method's own settings"})
-
-    def __post_init__(self):
-        self.build()  # validate now, before any worker starts
-
-    def build(self) -> methods.MethodConfig:
-        try:
-            return methods.config_for(self.name, self.config)
-        except ConfigError as e:
-            raise ConfigError(f"config.{e}") from None
+def method_config(value: Any, path: str = "method") -> methods.MethodConfig:
+    """A method config from its dict form, `{name: <a methods.METHODS name>, config: {its fields}}`
+    (how it crosses the Ray boundary and is stored with a run); a MethodConfig is returned as is."""
+    if isinstance(value, methods.MethodConfig):
+        return value
+    if not isinstance(value, dict) or set(value) - {"name", "config"}:
+        raise ConfigError(f"{path}: expected {{name: <method>, config: {{<its settings>}}}}, got {value!r}")
+    name = value.get("name", "lora")
+    if name not in methods.METHODS:
+        raise ConfigError(f"{path}.name={name!r}: unknown method (known: {', '.join(sorted(methods.METHODS))})")
+    return methods.config_for(name, value.get("config") or {}, f"{path}.config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,13 +155,16 @@ class ResourcesConfig:
 class TrialConfig:
     data: DataSpec
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    method: MethodSpec = dataclasses.field(default_factory=MethodSpec)
+    # The method's own config; its class names the method (`cfg.method.method`, a METHODS name).
+    method: methods.MethodConfig = dataclasses.field(default_factory=lambda: methods.config_for("lora"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
+        if not isinstance(self.method, methods.MethodConfig):
+            raise ConfigError(f"method: expected a method config, got {type(self.method).__name__}")
         t, r = self.train, self.resources
         per_step = r.num_workers * t.grad_accum
         if t.batch_size % per_step:
@@ -179,14 +178,25 @@ class TrialConfig:
         return self.train.batch_size // (self.resources.num_workers * self.train.grad_accum)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (what crosses the Ray boundary); the method as `{name, config}`."""
+        out = {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self) if f.name != "method"}
+        return {**out, "method": {"name": self.method.method, "config": _plain(self.method.to_dict())}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str = "") -> TrialConfig:
         try:
+            if isinstance(data, dict) and "method" in data:
+                data = {**data, "method": method_config(data["method"], f"{path}.method" if path else "method")}
             return from_dict(cls, data, path)
         except ValueError as e:  # DataSpec raises plain ValueErrors with its own `data.` prefix
             raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as YAML and JSON give them (so a stored config reads back the same)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +211,10 @@ class Target:
         return score >= self.value if self.mode == "max" else score <= self.value
 
 
-def validate_trial(cfg: TrialConfig) -> Target:
+def validate_trial(cfg: TrialConfig, where: str | None = None) -> Target:
     """Everything checkable before a worker starts: the task exists, its data files exist with the
-    right columns, the target metric is one the task produces. Returns the resolved target."""
+    right columns, the target metric is one the task produces, the method fits the model (`where`:
+    see check_model_fit). Returns the resolved target."""
     from orchestrator.tasks import get_task
 
     try:
@@ -228,19 +239,20 @@ def validate_trial(cfg: TrialConfig) -> Target:
     elif cfg.model.name_or_path and os.path.sep in cfg.model.name_or_path and not os.path.isdir(cfg.model.name_or_path):
         if cfg.model.name_or_path.startswith((".", "/", "~")):
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: folder not found")
-    check_model_fit(cfg, task)
+    check_model_fit(cfg, task, where)
     from orchestrator.deepspeed_config import build_deepspeed_config
 
     build_deepspeed_config(cfg)  # a bad DeepSpeed JSON or offload combination fails here, not in a worker
     return Target(metric, task.mode_of(metric), float(value))
 
 
-def check_model_fit(cfg: TrialConfig, task) -> None:
+def check_model_fit(cfg: TrialConfig, task, where: str | None = None) -> None:
     """The method's layers built against the model's real shapes, on the meta device (no weights
     read, no memory): a block size that does not divide a width, a pattern that matches no layer or
     a missing modules_to_save fails here, naming the layer, before anything is launched. Skipped
     when config.json is neither in a local folder nor in the Hugging Face cache (a hub model not yet
-    downloaded); the worker checks again when it builds the method."""
+    downloaded); the worker checks again when it builds the method. `where` starts a shape
+    error's message (default: the method and the model)."""
     from orchestrator.tasks.assets import model_path
 
     path = model_path(cfg.model.name_or_path, convert=False)  # a GGUF not yet converted: checked by the worker
@@ -255,11 +267,12 @@ def check_model_fit(cfg: TrialConfig, task) -> None:
         raise ConfigError(f"data.max_new_tokens={new_tokens}: leaves no room for the prompt in the model's "
                           f"context ({context} tokens)")
     try:
-        methods.check_method(model, cfg.method.build(), cfg.model.modules_to_save or ())
+        methods.check_method(model, cfg.method, cfg.model.modules_to_save or ())
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(f"method {cfg.method.name} on model {cfg.model.name_or_path or 'MiniLM'}: {e}") from None
+        where = where or f"method {cfg.method.method} on model {cfg.model.name_or_path or 'MiniLM'}"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @functools.lru_cache(maxsize=4)

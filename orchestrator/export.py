@@ -267,7 +267,7 @@ def export(source: str, out: str, fmt: Format, cfg: TrialConfig | None = None) -
         diff = check_same(expected, logits(model, tokenizer), "the merged model")
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"format": fmt, "method": cfg.method.name, "base_model": base_model_name(cfg),
+    info = {"format": fmt, "method": cfg.method.method, "base_model": base_model_name(cfg),
             "path": os.path.abspath(out), "max_logit_diff": diff}
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump({**info, "trial": cfg.to_dict()}, f, indent=2)

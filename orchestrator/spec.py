@@ -107,24 +107,33 @@ class SweepSpec:
     storage: str = "runs"
     path: str = ""  # the file it came from (for messages), not a YAML key
 
-    def trial_dict(self, method: str, point: dict[str, Any], seed: int) -> dict[str, Any]:
-        """The TrialConfig dict of one trial: common sections, then the method's point on top."""
-        out = {k: _asdict(getattr(self, k)) for k in ("data", "model", "target", "train", "deepspeed", "resources")}
-        method_cfg: dict[str, Any] = {}
+    def trial(self, method: str, point: dict[str, Any], seed: int) -> TrialConfig:
+        """One trial: the file's sections with the method's point on top. A point's keys are paths
+        into the trial: the method's config fields (dotted) or `train.*` / `deepspeed.*` for this
+        method alone. Errors carry the sweep file's path (`methods.<method>.<key>`)."""
+        where = f"methods.{method}"
+        method_values: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
         for key, value in point.items():
             head, _, rest = key.partition(".")
             if head in TRIAL_SECTIONS and rest:
-                out[head][rest] = value
+                sections.setdefault(head, {})[rest] = value
             else:
-                _set_dotted(method_cfg, key, value)
-        out["method"] = {"name": method, "config": method_cfg}
-        out["train"]["seed"] = seed
-        return out
+                _set_dotted(method_values, key, value)
+        replaced = {head: from_dict(TRIAL_SECTIONS[head], {**_asdict(getattr(self, head)), **values}, f"{where}.{head}")
+                    for head, values in sections.items()}
+        train = dataclasses.replace(replaced.get("train", self.train), seed=seed)
+        try:
+            return TrialConfig(data=self.data, model=self.model, method=methods.config_for(method, method_values, where),
+                               train=train, target=self.target, deepspeed=replaced.get("deepspeed", self.deepspeed),
+                               resources=self.resources)
+        except ConfigError as e:  # a cross-section check (batch_size per worker): the method's entry set it
+            raise ConfigError(f"{where}.{e}" if any(str(e).startswith(h + ".") for h in sections) else str(e)) from None
 
     def resolve_target(self) -> Target:
         """The target metric, direction and value (checks the task and its data too)."""
         method = next(iter(self.methods))
-        return validate_trial(TrialConfig.from_dict(self.trial_dict(method, {}, self.tune.seeds[0])))
+        return validate_trial(self.trial(method, {}, self.tune.seeds[0]))
 
     @property
     def num_trials(self) -> int:
@@ -132,14 +141,15 @@ class SweepSpec:
         return self.tune.num_samples if self.tune.search_alg == "optuna" else len(self.plan())
 
     def plan(self) -> list[dict[str, Any]]:
-        """Every trial the sweep will run (random/grid): method, point, seed, trial dict."""
+        """Every trial the sweep will run (random/grid): method, point, seed, and the trial's config
+        as plain data (`TrialConfig.to_dict`, what crosses the Ray boundary)."""
         trials = []
         for i, (method, entries) in enumerate(self.methods.items()):
             samples = self.tune.num_samples if sampled(entries) and self.tune.search_alg != "grid" else 1
             for point in space.expand(entries, samples, seed=hash_name(self.name, method)):
                 for seed in self.tune.seeds:
                     trials.append({"method": method, "point": point, "seed": seed,
-                                   "trial": self.trial_dict(method, point, seed)})
+                                   "trial": self.trial(method, point, seed).to_dict()})
         return trials
 
 
@@ -341,24 +351,20 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
                 if space.is_distribution(value) and "grid" not in value:
                     errors.append(f"methods.{method}.{key}: search_alg=grid takes grid entries or fixed values only")
     checked_data = False
+    fitted: set[str] = set()  # method configs already built against the model (train.* corners share one)
     for method, entries in spec.methods.items():
         for corner in space.corners(entries):
+            values = ", ".join(f"{k}={v}" for k, v in corner.items()) or "defaults"
             try:
-                cfg = TrialConfig.from_dict(spec.trial_dict(method, corner, spec.tune.seeds[0]))
+                cfg = spec.trial(method, corner, spec.tune.seeds[0])
+                key = repr(cfg.method)
                 if validate_data and not checked_data:
-                    validate_trial(cfg)  # data, target and this corner's fit to the model
+                    validate_trial(cfg, where=f"methods.{method} ({values})")  # data, target and this corner's fit
                     checked_data = True
-                elif validate_data:  # every other corner: its layers against the model's shapes
-                    check_model_fit(cfg, get_task(cfg.data.name))
+                elif validate_data and key not in fitted:  # every other corner: its layers against the model's shapes
+                    check_model_fit(cfg, get_task(cfg.data.name), where=f"methods.{method} ({values})")
+                fitted.add(key)
             except (ConfigError, ValueError) as e:
-                msg = str(e)
-                if msg.startswith("method "):  # a shape error: say which corner of the space
-                    values = ", ".join(f"{k}={v}" for k, v in corner.items()) or "defaults"
-                    msg = f"methods.{method} ({values}): {msg.split(': ', 1)[1]}"
-                for section in TRIAL_SECTIONS:  # a per-method override: point at the method's entry
-                    if msg.startswith(section + ".") and any(k.startswith(section + ".") for k in entries):
-                        msg = f"methods.{method}.{msg}"
-                msg = msg.replace("method.config.", f"methods.{method}.", 1) if msg.startswith("method.config.") else msg
-                if msg not in errors:
-                    errors.append(msg)
+                if str(e) not in errors:
+                    errors.append(str(e))
                 break

@@ -80,8 +80,15 @@ def _param_space(spec: SweepSpec, target: Target) -> dict[str, Any]:
     common = {"sweep": spec.name, "storage": storage_path(spec), "target": dataclasses.asdict(target)}
     if spec.tune.search_alg == "optuna":
         (method, entries), = spec.methods.items()
-        point = {k: space.to_tune(v) for k, v in entries.items()}
-        return {**common, "run": {"name": None, "trial": spec.trial_dict(method, point, spec.tune.seeds[0])}}
+        trial = spec.trial(method, {}, spec.tune.seeds[0]).to_dict()
+        for key, value in entries.items():  # Tune's samplers at their paths in the trial's dict
+            head, _, rest = key.partition(".")
+            section, path = (trial[head], rest) if head in TRIAL_SECTIONS and rest else (trial["method"]["config"], key)
+            *parents, leaf = path.split(".")
+            for p in parents:
+                section = section[p]
+            section[leaf] = space.to_tune(value)
+        return {**common, "run": {"name": None, "trial": trial}}
     runs = [{"name": trial_name(t["trial"], t["point"]), "trial": t["trial"]} for t in spec.plan()]
     return {**common, "run": tune.grid_search(runs)}
 
@@ -90,7 +97,7 @@ def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
     """The planned trials' configs (Optuna: the first method's base config)."""
     if spec.tune.search_alg == "optuna":
         method = next(iter(spec.methods))
-        return [TrialConfig.from_dict(spec.trial_dict(method, {}, spec.tune.seeds[0]))]
+        return [spec.trial(method, {}, spec.tune.seeds[0])]
     return [TrialConfig.from_dict(t["trial"]) for t in spec.plan()]
 
 

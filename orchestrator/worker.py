@@ -250,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     for i in range(0, len(eval_examples), micro * 2)]
 
     # ---- method: on resume, the saved adapter (a gradient init is not replayed: setup, not init)
-    method_cfg = cfg.method.build()
+    method_cfg = cfg.method
     modules_to_save = head_modules(model, cfg, task)
     if checkpoint is not None:
         with clock("setup_s"), checkpoint.as_directory() as d:

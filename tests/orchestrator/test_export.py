@@ -48,7 +48,7 @@ def trained_checkpoint(folder, cfg: TrialConfig) -> torch.Tensor:
     batch = tokenizer(export.PROBE, return_tensors="pt", padding=True)
     labels = torch.arange(len(export.PROBE)) % 5 if get_task(cfg.data.name).kind == "classification" else batch["input_ids"]
     batches = iter([{**batch, "labels": labels}] * 4)
-    methods.apply_method(model, cfg.method.build(), batches=batches, modules_to_save=head_modules(model, cfg, get_task(cfg.data.name)))
+    methods.apply_method(model, cfg.method, batches=batches, modules_to_save=head_modules(model, cfg, get_task(cfg.data.name)))
     torch.manual_seed(1)
     with torch.no_grad():
         for p in methods.trainable_parameters(model):

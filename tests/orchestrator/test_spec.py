@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from methods.config import ConfigError
 from orchestrator import space
 from orchestrator.cli import main
+from orchestrator.config import TrialConfig
 from orchestrator.spec import SweepFileError, load_sweep
 from orchestrator.placement import max_concurrent
 from orchestrator.sweep import trial_name
@@ -57,10 +58,11 @@ def test_plan_is_deterministic_and_per_method(tmp_path):
     hybrid = [t for t in plan if t["method"] == "hybrid"]
     assert len(lora) == 2 * 3 and len(hybrid) == 2 * 3  # samples x seeds; grid(2) x seeds, no random entry
     assert {t["point"]["gate.tau"] for t in hybrid} == {0.5, 1.0}
-    t = hybrid[0]["trial"]
-    assert t["method"]["config"] == {"gate": {"tau": 0.5}, "boft": {"n_butterfly_factor": 2}}
+    cfg = TrialConfig.from_dict(hybrid[0]["trial"])  # the plan's dict reads back as the typed trial
+    assert cfg == spec.trial("hybrid", hybrid[0]["point"], 0)
+    assert (cfg.method.gate.tau, cfg.method.boft.n_butterfly_factor) == (0.5, 2)
+    assert cfg.method.lora_ga == type(cfg.method)().lora_ga  # not in the space: the method's default
     assert all(1e-4 <= x["trial"]["train"]["lr"] <= 1e-3 for x in lora)
-    assert "r" not in hybrid[0]["trial"]["method"]["config"]
     assert trial_name(hybrid[0]["trial"], hybrid[0]["point"]) == "hybrid-m2-tau0.5-seed0"
 
 

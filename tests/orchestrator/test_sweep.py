@@ -278,7 +278,7 @@ def test_export_a_sweeps_best_trial_by_method_or_by_mlflow_run(seeded_sweep, tmp
     (run,) = search(url, experiment_id(url, "seeded"), f"attributes.run_name = '{best}'")
     source, cfg, name = export.resolve(seeded_sweep["spec"], run_id=run["info"]["run_id"])  # MLflow's artifacts
     assert os.path.isfile(os.path.join(source, "adapter", "adapter_config.json"))
-    assert name == best and cfg.method.name == "lora"
+    assert name == best and cfg.method.method == "lora"
     info = export.export(source, str(tmp_path / "peft"), "peft", cfg)
     assert info["max_logit_diff"] <= 1e-5
     bad = subprocess.run([*cmd[:5], "--method", "unitary"], capture_output=True, text=True, timeout=120)
