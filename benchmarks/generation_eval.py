@@ -42,7 +42,7 @@ def build(args):
     task = get_task("humaneval")
     code = os.path.join(ROOT, "tests", "data", "benchmarks", "code_train.jsonl")
     spec = DataSpec(name="humaneval", data_files={"train": code}, max_eval_samples=args.prompts,
-                    max_new_tokens=args.new_tokens, max_length=256)
+                    options={"max_new_tokens": args.new_tokens}, max_length=256)
     _, evals = task.load(spec)
     batches = [task.collate_eval(tokenizer, evals[i:i + args.batch], spec) for i in range(0, len(evals), args.batch)]
     return task, tokenizer, model, batches

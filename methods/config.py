@@ -51,7 +51,7 @@ def from_dict(cls: type, data: Any, path: str = ""):
         raise ConfigError(f"{path}.{e}" if path else str(e)) from None
     except (TypeError, ValueError) as e:
         msg = str(e)
-        raise ConfigError(msg if path and msg.startswith(path + ".") else f"{where}: {msg}") from None
+        raise ConfigError(msg if path and msg.startswith((path + ".", path + ":")) else f"{where}: {msg}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,12 +39,15 @@ def smoke(spec):
     task = get_task(spec.data.name)
     # Generation dominates an evaluation: fewer eval examples (per language where there are
     # languages) and a short generation budget.
-    generative = "max_new_tokens" in task.uses
-    data = r(spec.data, max_train_samples=64, max_length=min(spec.data.max_length, 64),
-             max_eval_samples=8 if generative or "languages" in task.uses else 32,
-             samples_per_language=min(spec.data.samples_per_language, 8))
+    own = task.option_names()
+    generative = "max_new_tokens" in own
+    options = spec.data.options
+    if "samples_per_language" in own:
+        options = r(options, samples_per_language=min(options.samples_per_language, 8))
     if generative:
-        data = r(data, max_new_tokens=min(task.new_tokens(spec.data), 16))
+        options = r(options, max_new_tokens=min(task.new_tokens(spec.data), 16))
+    data = r(spec.data, max_train_samples=64, max_length=min(spec.data.max_length, 64),
+             max_eval_samples=8 if generative or "languages" in own else 32, options=options)
     return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 2), eval_every=2), data=data,
              tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]),
              # 0.49 CPU: one pinned core (orchestrator.cores), so two trials share a 2-core machine
@@ -107,7 +110,7 @@ def init_ray(address: str | None, verbose: bool = False, env_vars: dict[str, str
 
 def worker_env(spec) -> dict[str, str]:
     """Variables the workers need from the driver's environment: the judge's API key (by name)."""
-    judge = spec.data.judge
+    judge = getattr(spec.data.options, "judge", None)
     name = judge.api_key_env if judge is not None else None
     return {name: os.environ[name]} if name and name in os.environ else {}
 
@@ -270,8 +273,6 @@ def describe_task(task) -> int:
     """What time-to-quality means on this task: its metrics, direction and default target."""
     import importlib
 
-    from orchestrator.tasks.base import Task
-
     doc = (type(task).__doc__ or importlib.import_module(type(task).__module__).__doc__ or "").strip().splitlines()
     print(f"{task.name}: {doc[0] if doc else task.kind}  (details: pydoc {type(task).__module__})")
     print(f"  kind            {task.kind}")
@@ -280,9 +281,11 @@ def describe_task(task) -> int:
           f"(set target.metric / target.value to change it)")
     print(f"  data_files      {', '.join(task.split_names) or 'none (installed corpus)'}"
           f"{' (required)' if task.needs_files else ''}")
-    extra = [f for f in Task.OPTIONAL_FIELDS if f in task.uses]
-    if extra:
-        print(f"  data options    {', '.join(extra)}")
+    from methods.config import field_help
+
+    defaults = _flat(task.options_cls().to_dict())  # the task's own data: keys
+    for key, help_text in field_help(task.options_cls).items():
+        print(f"  data.{key:26s} default {json.dumps(defaults.get(key))}  {help_text}")
     return 0
 
 

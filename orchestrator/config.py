@@ -179,14 +179,18 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what crosses the Ray boundary); the method as `{name, config}`."""
-        out = {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self) if f.name != "method"}
-        return {**out, "method": {"name": self.method.method, "config": _plain(self.method.to_dict())}}
+        out = {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)
+               if f.name not in ("method", "data")}
+        return {"data": _plain(self.data.to_dict()), **out,
+                "method": {"name": self.method.method, "config": _plain(self.method.to_dict())}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str = "") -> TrialConfig:
         try:
             if isinstance(data, dict) and "method" in data:
                 data = {**data, "method": method_config(data["method"], f"{path}.method" if path else "method")}
+            if isinstance(data, dict) and isinstance(data.get("data"), dict):  # flat: the task's keys beside the common ones
+                data = {**data, "data": DataSpec.from_dict(data["data"], f"{path}.data" if path else "data")}
             return from_dict(cls, data, path)
         except ValueError as e:  # DataSpec raises plain ValueErrors with its own `data.` prefix
             raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None

@@ -21,6 +21,7 @@ its validation, with the error-path handling they share.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import yaml
@@ -257,7 +258,8 @@ def parse_sweep(raw: Any, errors: list[str], path: str = "", validate_data: bool
                 built[key] = value
             continue
         try:
-            built[key] = from_dict(_section_types()[key], value if value is not None else {}, key)
+            tp = _section_types()[key]
+            built[key] = (tp.from_dict if tp is DataSpec else functools.partial(from_dict, tp))(value if value is not None else {}, key)
         except (ConfigError, ValueError) as e:
             errors.append(str(e))
     built_methods = _parse_methods(raw.get("methods"), errors)

@@ -33,7 +33,6 @@ from typing import Any, Literal
 import torch
 
 from . import files
-from .judge import JudgeConfig
 
 Kind = Literal["classification", "causal_lm"]
 Mode = Literal["max", "min"]
@@ -42,9 +41,39 @@ Mode = Literal["max", "min"]
 MINIMIZED_METRICS = frozenset({"eval_loss", "perplexity", "judge_unparsed"})
 
 
+def fail(field: str, value: Any, expected: str):
+    """The error of one `data:` key, named as in the sweep file."""
+    raise ValueError(f"data.{field}={value!r}: {expected}")
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_count(obj: Any, field: str, optional: bool = True) -> None:
+    """`field` is an integer >= 1 (or null, if optional)."""
+    value = getattr(obj, field)
+    if not (optional and value is None) and (not is_int(value) or value < 1):
+        fail(field, value, "must be an integer >= 1" + (" or null" if optional else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """A task's own `data:` keys, beside DataSpec's common ones (each task declares its subclass
+    as `Task.options_cls`; a task with none has this, empty). Subclasses check their fields in
+    `__post_init__`, calling super's first, and their defaults are the only defaults."""
+
+    def __post_init__(self):
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """The `data:` section of a sweep file.
+    """The `data:` section of a sweep file: the keys every task reads, and the task's own (its
+    `options`, written beside the common keys in the file: `data: {name: xnli, languages: [fr]}`).
 
     Args:
         name: task registry key, e.g. "glue/sst2", "bbc_news", "instructions".
@@ -58,14 +87,7 @@ class DataSpec:
         max_eval_samples: the same for the eval split (evaluation time counts in time-to-quality).
         eval_fraction: share of the examples held out for eval when the source has no eval split.
         seed: seeds the held-out split and the subsets; same seed, same examples.
-        languages: multilingual tasks (xnli, flores) only: the languages to train and score on
-            (null = the task's default set).
-        samples_per_language: multilingual tasks only: k training examples per language (k = 32,
-            as in the paper's few-shot setting), drawn with the seed.
-        max_new_tokens: generative tasks only: the generation budget per answer (null = the task's
-            default). Evaluation time counts in time-to-quality, so this is a real trade-off.
-        num_samples: humaneval only: completions sampled per problem for pass@k (null = one greedy).
-        judge: mt_bench only: the judge model (an OpenAI-compatible endpoint or a local model).
+        options: the task's own settings (`Task.options_cls`; `orchestrate describe TASK` lists them).
     """
 
     name: str = dataclasses.field(metadata={"help": "task registry key, e.g. glue/sst2, bbc_news"})
@@ -79,64 +101,78 @@ class DataSpec:
     eval_fraction: float = dataclasses.field(
         default=0.1, metadata={"help": "held-out share when the source has no eval split, in (0, 1)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seeds the split and the subsets"})
-    languages: tuple[str, ...] | None = dataclasses.field(
-        default=None, metadata={"help": "xnli/flores: languages to train and score on; null = the task's set"})
-    samples_per_language: int = dataclasses.field(
-        default=32, metadata={"help": "xnli/flores: k training examples per language"})
-    max_new_tokens: int | None = dataclasses.field(
-        default=None, metadata={"help": "generative tasks: tokens generated per answer; null = the task's default"})
-    num_samples: int | None = dataclasses.field(
-        default=None, metadata={"help": "humaneval: samples per problem for pass@k; null = one greedy completion"})
-    judge: JudgeConfig | None = dataclasses.field(
-        default=None, metadata={"help": "mt_bench: {base_url, model, api_key_env} or {local_model: path}"})
+    # Given as None or a mapping: the task's options are built from it (their defaults for None).
+    options: TaskOptions | Mapping[str, Any] | None = dataclasses.field(
+        default=None, metadata={"help": "the task's own settings"})
 
     def __post_init__(self):
-        def fail(field: str, expected: str):
-            raise ValueError(f"data.{field}={getattr(self, field)!r}: {expected}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         if not isinstance(self.name, str) or not self.name:
-            fail("name", "must be a non-empty task name")
+            fail("name", self.name, "must be a non-empty task name")
         if self.data_files is not None:
             if not isinstance(self.data_files, Mapping) or not self.data_files:
-                fail("data_files", "must be a non-empty mapping of split name -> file path, or null")
+                fail("data_files", self.data_files, "must be a non-empty mapping of split name -> file path, or null")
             for split, path in self.data_files.items():
                 if not isinstance(split, str) or not isinstance(path, str) or not path:
-                    fail("data_files", f"split {split!r}: expected a split name mapped to a file path")
+                    fail("data_files", self.data_files, f"split {split!r}: expected a split name mapped to a file path")
             object.__setattr__(self, "data_files", dict(self.data_files))  # a copy: the caller's dict may change
         for field in ("text_field", "label_field"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
-                fail(field, "must be a column name or null")
+                fail(field, value, "must be a column name or null")
         if not is_int(self.max_length) or self.max_length < 2:
-            fail("max_length", "must be an integer >= 2")
-        for field in ("max_train_samples", "max_eval_samples", "max_new_tokens", "num_samples"):
-            value = getattr(self, field)
-            if value is not None and (not is_int(value) or value < 1):
-                fail(field, "must be an integer >= 1 or null")
+            fail("max_length", self.max_length, "must be an integer >= 2")
+        for field in ("max_train_samples", "max_eval_samples"):
+            check_count(self, field)
         if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
                 or not 0 < self.eval_fraction < 1:
-            fail("eval_fraction", "must be a number in (0, 1)")
+            fail("eval_fraction", self.eval_fraction, "must be a number in (0, 1)")
         if not is_int(self.seed) or self.seed < 0:
-            fail("seed", "must be an integer >= 0")
-        if self.languages is not None:
-            if isinstance(self.languages, str) or not isinstance(self.languages, (list, tuple)) \
-                    or not self.languages or not all(isinstance(x, str) and x for x in self.languages):
-                fail("languages", "must be a non-empty list of language codes, or null")
-            if len(set(self.languages)) != len(self.languages):
-                fail("languages", "lists a language twice")
-            object.__setattr__(self, "languages", tuple(self.languages))
-        if not is_int(self.samples_per_language) or self.samples_per_language < 1:
-            fail("samples_per_language", "must be an integer >= 1")
-        if isinstance(self.judge, Mapping):  # built directly (not through from_dict)
-            object.__setattr__(self, "judge", JudgeConfig.from_dict(dict(self.judge), "data.judge"))
-        if self.judge is not None and not isinstance(self.judge, JudgeConfig):
-            fail("judge", "must be a mapping {base_url, model, api_key_env} or {local_model: path}, or null")
+            fail("seed", self.seed, "must be an integer >= 0")
+        task = _registry().get(self.name)
+        cls = task.options_cls if task is not None else TaskOptions  # an unknown task: validation names it
+        if self.options is None or isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", _task_options(cls, dict(self.options or {}), self.name))
+        elif type(self.options) is not cls:
+            raise ValueError(f"data.options: task {self.name} takes {cls.__name__}, got {type(self.options).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "data") -> DataSpec:
+        """From the sweep file's flat form: the common keys, the rest the task's own options."""
+        from methods.config import ConfigError, from_dict
+
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of data settings, got {type(data).__name__}")
+        common = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        own = {k: v for k, v in data.items() if k not in common}
+        try:
+            return from_dict(cls, {**{k: v for k, v in data.items() if k in common}, "options": own}, path)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat form, as in a sweep file (what crosses the Ray boundary and is logged)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**out, **self.options.to_dict()}
+
+
+def _task_options(cls: type[TaskOptions], values: dict[str, Any], task: str) -> TaskOptions:
+    """The task's options from their keys; a key of another task's options says which tasks take it."""
+    from methods.config import from_dict
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            users = sorted(n for n, t in _registry().items() if key in t.option_names())
+            if users:
+                raise ValueError(f"data.{key}: task {task} does not use it (tasks that do: {', '.join(users)})")
+            valid = sorted({f.name for f in dataclasses.fields(DataSpec)} - {"options"} | known)
+            raise ValueError(f"data.{key}: unknown key for DataSpec (valid keys: {', '.join(valid)})")
+    try:
+        return from_dict(cls, values, "data")
+    except ValueError as e:  # plain: DataSpec's own from_dict adds no second `data.`
+        raise ValueError(str(e)) from None
 
 
 class Task(abc.ABC):
@@ -155,15 +191,19 @@ class Task(abc.ABC):
     num_labels: int | None = None  # classification only
     split_names: tuple[str, ...] = ("train", "validation")  # data_files keys accepted; the training split first
     needs_files: bool = False  # True: no built-in source, data_files is required
-    # DataSpec fields that only some tasks read; setting one a task ignores is an error, not a no-op.
-    OPTIONAL_FIELDS = ("languages", "max_new_tokens", "num_samples", "judge")
-    uses: frozenset[str] = frozenset()
+    # The task's own `data:` keys (setting one of another task's is an error, not a no-op).
+    options_cls: type[TaskOptions] = TaskOptions
     default_max_new_tokens: int = 0  # generative tasks: tokens generated per answer unless data.max_new_tokens
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls.options_cls))
 
     def new_tokens(self, spec: DataSpec) -> int:
         """Tokens generated per answer: data.max_new_tokens, else the task's default; 0 for a task
         that generates nothing. Resolved here only (evaluation, validation and --smoke-test)."""
-        return (spec.max_new_tokens or self.default_max_new_tokens) if "max_new_tokens" in self.uses else 0
+        return (getattr(spec.options, "max_new_tokens", None) or self.default_max_new_tokens) \
+            if "max_new_tokens" in self.option_names() else 0
 
     def auto_model(self):
         """The transformers auto class of the model this task trains, chosen here only: the worker
@@ -207,10 +247,6 @@ class Task(abc.ABC):
         """Raise ValueError naming file and field for anything wrong that needs no model to find."""
         if spec.name != self.name:
             raise ValueError(f"data.name={spec.name!r}: this is task {self.name!r}")
-        for field in self.OPTIONAL_FIELDS:
-            if getattr(spec, field) is not None and field not in self.uses:
-                users = ", ".join(sorted(n for n, t in _registry().items() if field in t.uses)) or "none"
-                raise ValueError(f"data.{field}: task {self.name} does not use it (tasks that do: {users})")
         if spec.data_files is not None:
             if not self.split_names:
                 raise ValueError(f"data.data_files: task {self.name} reads its installed corpus and takes no "

@@ -23,16 +23,30 @@ per rank.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from .base import DataSpec, eval_mode
+from .base import DataSpec, TaskOptions, check_count, eval_mode
 from .causal_lm import CausalLMTask, answer_loss_sum, end_id, pad_id
 from methods import collectives
 
 from .distributed import on_rank_zero, sharded_map
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions(TaskOptions):
+    """max_new_tokens: the generation budget per answer (null = the task's default). Evaluation
+    time counts in time-to-quality, so this is a real trade-off."""
+
+    max_new_tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": "tokens generated per answer; null = the task's default"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_count(self, "max_new_tokens")
 
 
 class GenerativeTask(CausalLMTask):
@@ -41,7 +55,11 @@ class GenerativeTask(CausalLMTask):
     default_max_new_tokens: int = 256
     stop_strings: tuple[str, ...] = ()  # besides eos; the completion is cut at the first one
     has_references: bool = True  # False: no reference answer to compute eval_loss on (MT-Bench)
-    uses = frozenset({"max_new_tokens"})
+    options_cls = GenerationOptions
+
+    def samples_per_prompt(self, spec: DataSpec) -> int:
+        """Answers generated per eval prompt (HumanEval's pass@k samples several)."""
+        return 1
 
     def sampling(self, spec: DataSpec) -> dict[str, float] | None:
         """Sampling settings (temperature, top_p) when the task samples several answers; None = greedy."""
@@ -77,7 +95,7 @@ class GenerativeTask(CausalLMTask):
             prompt_mask[i, width - len(ids):] = 1
         batch.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask, examples=list(examples),
                      max_new_tokens=max_new_tokens,
-                     num_samples=spec.num_samples or 1, sampling=self.sampling(spec), seed=spec.seed)
+                     num_samples=self.samples_per_prompt(spec), sampling=self.sampling(spec), seed=spec.seed)
         return batch
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -24,11 +24,12 @@ reference point (7B code-tuned models report 0.15-0.35); a sweep should set its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from . import files, hub, sandbox, splits
-from .base import DataSpec
-from .generation import GenerativeTask
+from .base import DataSpec, check_count
+from .generation import GenerationOptions, GenerativeTask
 from .metrics import mean_pass_at_k
 
 PROBLEM_COLUMNS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -53,6 +54,18 @@ def read_problems(path: str | None = None) -> list[dict]:
     return list(packaged().values())
 
 
+@dataclasses.dataclass(frozen=True)
+class HumanEvalOptions(GenerationOptions):
+    """num_samples: completions sampled per problem for pass@k (null = one greedy completion)."""
+
+    num_samples: int | None = dataclasses.field(
+        default=None, metadata={"help": "samples per problem for pass@k; null = one greedy completion"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_count(self, "num_samples")
+
+
 class HumanEvalTask(GenerativeTask):
     """Python problems scored by running their unit tests in a sandbox: pass@1 (pass@k with samples)."""
 
@@ -64,12 +77,15 @@ class HumanEvalTask(GenerativeTask):
     needs_files = True
     default_max_new_tokens = 384
     stop_strings = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-    uses = frozenset({"max_new_tokens", "num_samples"})
+    options_cls = HumanEvalOptions
     timeout_s = 5.0  # per program; the canonical solutions take well under a second
     memory_mb = 1024
 
+    def samples_per_prompt(self, spec: DataSpec) -> int:
+        return spec.options.num_samples or 1
+
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
-        n = spec.num_samples or 1
+        n = self.samples_per_prompt(spec)
         return ("eval_loss", *(f"pass_at_{k}" for k in KS if k <= n))
 
     def columns(self, spec: DataSpec) -> list[tuple[str, str]]:
@@ -105,7 +121,7 @@ class HumanEvalTask(GenerativeTask):
                 splits.subsample(evals, spec.max_eval_samples, spec.seed, "eval"))
 
     def sampling(self, spec: DataSpec) -> dict | None:
-        return SAMPLING if (spec.num_samples or 1) > 1 else None
+        return SAMPLING if self.samples_per_prompt(spec) > 1 else None
 
     def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:
         problems = [json.loads(ex["problem"]) for ex in examples]

@@ -43,13 +43,11 @@ class LabelsAsAnswersTask(GenerativeTask):
         self.default_target = default_target
 
     def _corpus_spec(self, spec: DataSpec) -> DataSpec:
-        return dataclasses.replace(spec, name=self.corpus.name, max_new_tokens=None)
+        return dataclasses.replace(spec, name=self.corpus.name, options=None)
 
     def validate(self, spec: DataSpec) -> None:
         if spec.name != self.name:
             raise ValueError(f"data.name={spec.name!r}: this is task {self.name!r}")
-        if spec.max_new_tokens is not None and spec.max_new_tokens < 1:
-            raise ValueError(f"data.max_new_tokens={spec.max_new_tokens}: must be >= 1")
         self.corpus.validate(self._corpus_spec(spec))  # its files, columns and options
 
     def prompt(self, text: str) -> str:

@@ -23,6 +23,8 @@ e.g. 127.0.0.1 on each node, is checked by the first evaluation instead). Defaul
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,8 +33,8 @@ from . import files, hub, splits
 from .base import DataSpec, eval_mode
 from .causal_lm import InstructionTask, format_prompt, read_instructions
 from .distributed import on_rank_zero, sharded_map
-from .generation import GenerativeTask, generate
-from .judge import MIN_RATING, check_judge, judge_prompt, rate_all
+from .generation import GenerationOptions, GenerativeTask, generate
+from .judge import MIN_RATING, JudgeConfig, check_judge, judge_prompt, rate_all
 from .metrics import per_group
 
 HUB_PATH = "HuggingFaceH4/mt_bench_prompts"
@@ -73,6 +75,22 @@ def read_questions(path: str | None) -> list[dict]:
     return questions
 
 
+@dataclasses.dataclass(frozen=True)
+class MtBenchOptions(GenerationOptions):
+    """judge: the judge model, an OpenAI-compatible endpoint or a local model (`judge.py`)."""
+
+    judge: JudgeConfig | None = dataclasses.field(
+        default=None, metadata={"help": "{base_url, model, api_key_env} or {local_model: path}"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.judge, Mapping):  # built directly (not through from_dict)
+            object.__setattr__(self, "judge", JudgeConfig.from_dict(dict(self.judge)))
+        if self.judge is not None and not isinstance(self.judge, JudgeConfig):
+            raise ValueError(f"data.judge={self.judge!r}: must be a mapping {{base_url, model, api_key_env}} or "
+                             "{local_model: path}, or null")
+
+
 class MtBenchTask(GenerativeTask):
     """Two-turn questions answered by the tuned model and rated 1-10 by a judge model."""
 
@@ -84,7 +102,7 @@ class MtBenchTask(GenerativeTask):
     needs_files = True
     has_references = False
     default_max_new_tokens = 512
-    uses = frozenset({"max_new_tokens", "judge"})
+    options_cls = MtBenchOptions
 
     def metrics_for(self, spec: DataSpec) -> tuple[str, ...]:
         parts = ("turn_1", "turn_2", *CATEGORIES)
@@ -100,10 +118,10 @@ class MtBenchTask(GenerativeTask):
         """Files and judge settings, then the judge itself: its key is set and it answers (or the
         local model's folder exists). Run before launch, on the driver; workers re-check files only."""
         self.validate_files(spec)
-        check_judge(spec.judge)
+        check_judge(spec.options.judge)
 
     def validate_files(self, spec: DataSpec) -> None:
-        if spec.judge is None and spec.name == self.name:
+        if spec.name == self.name and spec.options.judge is None:
             raise ValueError("data.judge: task mt_bench needs a judge model: an OpenAI-compatible endpoint "
                              "{base_url: http://host:8000/v1, model: NAME, api_key_env: VAR} or "
                              "{local_model: /path/to/model}")
@@ -139,7 +157,8 @@ class MtBenchTask(GenerativeTask):
             # dropped): under ZeRO-3 every rank must make the same number of generate calls.
             follow = [dict(ex, prompt=second_turn_prompt(turns[0], a, turns[-1]))
                       for ex, a in zip(batch["examples"], firsts) for turns in [ex["turns"].split(SEP)]]
-            spec = DataSpec(name=self.name, max_length=batch["max_length"], max_new_tokens=batch["max_new_tokens"])
+            spec = DataSpec(name=self.name, max_length=batch["max_length"],
+                            options={"max_new_tokens": batch["max_new_tokens"]})
             seconds = generate(model, tokenizer, self.collate_eval(tokenizer, follow, spec), device)
             return [[a, b] if SEP in ex["turns"] else [a] for ex, a, b in zip(batch["examples"], firsts, seconds)]
 
@@ -151,7 +170,7 @@ class MtBenchTask(GenerativeTask):
 
     def collate_eval(self, tokenizer, examples: list[dict], spec: DataSpec) -> dict[str, Any]:
         batch = super().collate_eval(tokenizer, examples, spec)
-        batch.update(max_length=spec.max_length, judge=spec.judge)
+        batch.update(max_length=spec.max_length, judge=spec.options.judge)
         return batch
 
     def score(self, examples: list[dict], completions: list[str]) -> dict[str, float]:

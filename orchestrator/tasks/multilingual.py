@@ -29,12 +29,13 @@ per language on the 0-100 scale. Default target 30.0: a reference point; set you
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from . import files, hub, splits
-from .base import DataSpec, Task
+from .base import DataSpec, Task, TaskOptions, check_count, fail
 from .classification import ClassificationTask
-from .generation import GenerativeTask
+from .generation import GenerationOptions, GenerativeTask
 from .metrics import per_group
 
 LANGUAGE = "language"
@@ -93,18 +94,45 @@ def stack_languages(task: Task, languages: tuple[str, ...], split: str, columns:
 
 def check_languages(task: Task, spec: DataSpec, known: tuple[str, ...]) -> None:
     """On the Hub every config is known in advance: an unknown language is a validation error."""
-    if spec.data_files is None and spec.languages:
-        unknown = [x for x in spec.languages if x not in known]
+    if spec.data_files is None and spec.options.languages:
+        unknown = [x for x in spec.options.languages if x not in known]
         if unknown:
             raise ValueError(f"data.languages: {unknown[0]!r} is not a {task.name} language on the Hub "
                              f"(known: {', '.join(known)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultilingualOptions(TaskOptions):
+    """languages: the languages to train and score on (null = the task's default set).
+    samples_per_language: k training examples per language (k = 32, as in the paper's few-shot
+    setting), drawn with the seed."""
+
+    languages: tuple[str, ...] | None = dataclasses.field(
+        default=None, metadata={"help": "languages to train and score on; null = the task's set"})
+    samples_per_language: int = dataclasses.field(default=32, metadata={"help": "k training examples per language"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.languages is not None:
+            if isinstance(self.languages, str) or not isinstance(self.languages, (list, tuple)) \
+                    or not self.languages or not all(isinstance(x, str) and x for x in self.languages):
+                fail("languages", self.languages, "must be a non-empty list of language codes, or null")
+            if len(set(self.languages)) != len(self.languages):
+                fail("languages", self.languages, "lists a language twice")
+            object.__setattr__(self, "languages", tuple(self.languages))
+        check_count(self, "samples_per_language", optional=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FloresOptions(MultilingualOptions, GenerationOptions):
+    """The languages (FLORES-200 codes, English excluded: it is the source) and the generation budget."""
 
 
 class XnliTask(ClassificationTask):
     """XNLI with k training examples per language and accuracy per language."""
 
     HUB_PATH = "facebook/xnli"
-    uses = frozenset({"languages"})
+    options_cls = MultilingualOptions
 
     def __init__(self):
         super().__init__("xnli", ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"),
@@ -112,8 +140,8 @@ class XnliTask(ClassificationTask):
 
     def languages(self, spec: DataSpec) -> tuple[str, ...]:
         """The languages asked for; else those in the local training file; else all 15."""
-        if spec.languages:
-            return spec.languages
+        if spec.options.languages:
+            return spec.options.languages
         if spec.data_files is not None:
             return languages_in(*self.sources(spec)["train"])
         return XNLI_LANGUAGES
@@ -135,7 +163,7 @@ class XnliTask(ClassificationTask):
         hint = "{train: train.jsonl, validation: validation.jsonl} with columns premise, hypothesis, label, language"
         return {split: (f"{self.HUB_PATH} {split}",
                         stack_languages(self, self.languages(spec), split, ("premise", "hypothesis", "label"), hint,
-                                        limit=spec.samples_per_language if split == "train" else spec.max_eval_samples,
+                                        limit=spec.options.samples_per_language if split == "train" else spec.max_eval_samples,
                                         seed=spec.seed))
                 for split in self.split_names}
 
@@ -153,7 +181,7 @@ class XnliTask(ClassificationTask):
         texts, label_col = self.text_columns_for(spec), spec.label_field or self.label_column
         train_where, train_table = tables["train"]
         train = self.examples(train_table, texts, label_col, train_where)
-        languages = spec.languages or distinct([r[LANGUAGE] for r in train])
+        languages = spec.options.languages or distinct([r[LANGUAGE] for r in train])
         if "validation" in tables:
             eval_where, eval_table = tables["validation"]
             evals = self.examples(eval_table, texts, label_col, eval_where)
@@ -161,7 +189,7 @@ class XnliTask(ClassificationTask):
             train, evals = splits.holdout(train, spec.eval_fraction, spec.seed,
                                           key=lambda ex: (ex["text"], ex["text_pair"]))
             eval_where = train_where + " (held out)"
-        train = per_language(train, languages, spec.samples_per_language, spec.seed, "train", train_where)
+        train = per_language(train, languages, spec.options.samples_per_language, spec.seed, "train", train_where)
         evals = per_language(evals, languages, spec.max_eval_samples, spec.seed, "eval", eval_where)
         return splits.subsample(train, spec.max_train_samples, spec.seed, "train"), evals
 
@@ -181,13 +209,13 @@ class FloresTask(GenerativeTask):
     split_names = ("dev", "devtest")
     default_max_new_tokens = 128
     stop_strings = ("\n",)
-    uses = frozenset({"languages", "max_new_tokens"})
+    options_cls = FloresOptions
     HUB_PATH = "facebook/flores"
 
     def languages(self, spec: DataSpec) -> tuple[str, ...]:
         """The languages asked for; else those in the local dev file but English; else 14 (XNLI's)."""
-        if spec.languages:
-            return spec.languages
+        if spec.options.languages:
+            return spec.options.languages
         if spec.data_files is not None:
             return targets(languages_in(*self.sources(spec)["dev"]))
         return tuple(FLORES_NAMES)
@@ -204,10 +232,10 @@ class FloresTask(GenerativeTask):
             if getattr(spec, field) is not None:
                 raise ValueError(f"data.{field}: task flores reads the columns id, sentence, language; "
                                  "rename the columns in the file instead")
-        if spec.languages and FLORES_SOURCE in spec.languages:
+        if spec.options.languages and FLORES_SOURCE in spec.options.languages:
             raise ValueError(f"data.languages: {FLORES_SOURCE} is the source language; list target languages")
-        if spec.data_files is None and spec.languages:  # FLORES codes look like xxx_Scrp
-            bad = [x for x in spec.languages if len(x.split("_")) != 2]
+        if spec.data_files is None and spec.options.languages:  # FLORES codes look like xxx_Scrp
+            bad = [x for x in spec.options.languages if len(x.split("_")) != 2]
             if bad:
                 raise ValueError(f"data.languages: {bad[0]!r} is not a FLORES-200 code (e.g. fra_Latn, zho_Hans)")
 
@@ -241,10 +269,10 @@ class FloresTask(GenerativeTask):
     def load(self, spec: DataSpec) -> tuple[list[dict], list[dict]]:
         self.validate(spec)
         where, table = self.read_split(spec, "dev")
-        local = spec.data_files is not None and not spec.languages  # languages: those the dev file has
+        local = spec.data_files is not None and not spec.options.languages  # languages: those the dev file has
         languages = targets(distinct(table[LANGUAGE])) if local else self.languages(spec)
         dev = self.pairs(where, table, languages)
-        train = per_language(dev, languages, spec.samples_per_language, spec.seed, "train", where)
+        train = per_language(dev, languages, spec.options.samples_per_language, spec.seed, "train", where)
         if spec.data_files is None or "devtest" in spec.data_files:
             where, table = self.read_split(spec, "devtest")
             devtest = self.pairs(where, table, languages)

@@ -81,7 +81,7 @@ def start_parent_run(spec, plan: list[dict] | None, uri: str, target=None) -> st
         if spec.path and os.path.isfile(spec.path):
             client.log_artifact(run_id, spec.path)
         client.log_dict(run_id, plan if plan is not None else [], "plan.json")
-        client.log_dict(run_id, dataclasses.asdict(spec), "sweep_resolved.json")
+        client.log_dict(run_id, {**dataclasses.asdict(spec), "data": spec.data.to_dict()}, "sweep_resolved.json")
         return run_id
     except Exception as e:
         raise ConfigError(f"tracking.uri={uri}: cannot create the MLflow experiment or parent run ({e})") from None

@@ -53,7 +53,7 @@ def tiny_lm(tokenizer, seed: int = 0):
 
 def gsm8k_spec(**kw) -> DataSpec:
     files = {"train": str(DATA / "gsm8k_train.jsonl"), "test": str(DATA / "gsm8k_test.jsonl")}
-    return DataSpec(name="gsm8k", data_files=files, max_length=256, **kw)
+    return DataSpec.from_dict(dict(name="gsm8k", data_files=files, max_length=256, **kw))
 
 
 def eval_batches(task, tokenizer, examples, spec, size=2):
@@ -159,7 +159,7 @@ def test_stop_strings_cut_the_completion():
 # -- HumanEval -----------------------------------------------------------------------------------
 
 def humaneval_spec(**kw) -> DataSpec:
-    return DataSpec(name="humaneval", data_files={"train": str(DATA / "code_train.jsonl")}, **kw)
+    return DataSpec.from_dict(dict(name="humaneval", data_files={"train": str(DATA / "code_train.jsonl")}, **kw))
 
 
 def test_humaneval_reads_the_real_164_problems():
@@ -227,7 +227,7 @@ def test_humaneval_generation_runs_through_the_sandbox(tokenizer):
 
 def xnli_spec(**kw) -> DataSpec:
     files = {"train": str(DATA / "xnli_train.jsonl"), "validation": str(DATA / "xnli_validation.jsonl")}
-    return DataSpec(name="xnli", data_files=files, **kw)
+    return DataSpec.from_dict(dict(name="xnli", data_files=files, **kw))
 
 
 def test_xnli_k_per_language_deterministic_by_seed():
@@ -261,20 +261,20 @@ def test_xnli_reports_accuracy_per_language(minilm_tokenizer):
 
 def test_xnli_language_errors():
     with pytest.raises(ValueError, match=r"data\.languages: 'xx' is not a xnli language on the Hub"):
-        get_task("xnli").validate(DataSpec(name="xnli", languages=["fr", "xx"]))
+        get_task("xnli").validate(DataSpec(name="xnli", options={"languages": ["fr", "xx"]}))
     with pytest.raises(ValueError, match=r"no rows for language 'es'"):
         get_task("xnli").load(xnli_spec(languages=["es"]))
     with pytest.raises(ValueError, match=r"data\.languages: task gsm8k does not use it \(tasks that do: flores, xnli\)"):
         get_task("gsm8k").validate(gsm8k_spec(languages=["fr"]))
     with pytest.raises(ConnectionError, match=r"facebook/xnli"):
-        get_task("xnli").load(DataSpec(name="xnli", languages=["fr"]))
+        get_task("xnli").load(DataSpec(name="xnli", options={"languages": ["fr"]}))
 
 
 # -- FLORES --------------------------------------------------------------------------------------
 
 def flores_spec(**kw) -> DataSpec:
     files = {"dev": str(DATA / "flores_dev.jsonl"), "devtest": str(DATA / "flores_devtest.jsonl")}
-    return DataSpec(name="flores", data_files=files, **kw)
+    return DataSpec.from_dict(dict(name="flores", data_files=files, **kw))
 
 
 def test_flores_pairs_english_with_each_language_by_id():
@@ -321,9 +321,9 @@ def test_flores_generates_and_scores(tokenizer):
 
 def test_flores_errors():
     with pytest.raises(ValueError, match=r"data\.languages: 'french' is not a FLORES-200 code"):
-        get_task("flores").validate(DataSpec(name="flores", languages=["french"]))
+        get_task("flores").validate(DataSpec(name="flores", options={"languages": ["french"]}))
     with pytest.raises(ValueError, match="eng_Latn is the source language"):
-        get_task("flores").validate(DataSpec(name="flores", languages=["eng_Latn"]))
+        get_task("flores").validate(DataSpec(name="flores", options={"languages": ["eng_Latn"]}))
     with pytest.raises(ValueError, match=r"needs a 'dev' file"):
         get_task("flores").validate(DataSpec(name="flores", data_files={"devtest": str(DATA / "flores_devtest.jsonl")}))
 
@@ -384,7 +384,7 @@ def judge_server():
 def mt_spec(judge: dict | None, **kw) -> DataSpec:
     files = {"train": str(Path(__file__).resolve().parents[1] / "data" / "instructions.jsonl"),
              "questions": str(DATA / "mt_bench_questions.jsonl")}
-    return DataSpec(name="mt_bench", data_files=files, judge=judge, label_field="output", **kw)
+    return DataSpec.from_dict(dict(name="mt_bench", data_files=files, judge=judge, label_field="output", **kw))
 
 
 def test_mt_bench_without_a_judge_fails_at_validation():
@@ -504,7 +504,7 @@ def test_hub_loaders_read_hub_shaped_repositories(tmp_path, monkeypatch):
             row["label"] = label_id.get(row["label"], row["label"])
             xnli.setdefault(lang, {}).setdefault(split, []).append(row)
     monkeypatch.setattr(type(get_task("xnli")), "HUB_PATH", hub_repo(tmp_path / "xnli", xnli))
-    train, evals = get_task("xnli").load(DataSpec(name="xnli", languages=["fr", "de"], samples_per_language=3))
+    train, evals = get_task("xnli").load(DataSpec(name="xnli", options={"languages": ["fr", "de"], "samples_per_language": 3}))
     assert sorted(r["language"] for r in train) == ["de"] * 3 + ["fr"] * 3 and len(evals) == 8
 
     flores = {}
@@ -512,7 +512,7 @@ def test_hub_loaders_read_hub_shaped_repositories(tmp_path, monkeypatch):
         for row in jsonl(f"flores_{split}.jsonl"):
             flores.setdefault(row.pop("language"), {}).setdefault(split, []).append(row)
     monkeypatch.setattr(type(get_task("flores")), "HUB_PATH", hub_repo(tmp_path / "flores", flores))
-    train, evals = get_task("flores").load(DataSpec(name="flores", languages=["deu_Latn"], samples_per_language=2))
+    train, evals = get_task("flores").load(DataSpec(name="flores", options={"languages": ["deu_Latn"], "samples_per_language": 2}))
     assert len(train) == 2 and len(evals) == 2 and {r["language"] for r in train + evals} == {"deu_Latn"}
 
     prompts = [{"prompt": q["turns"], "prompt_id": q["question_id"], "category": q["category"],
@@ -646,7 +646,7 @@ def test_multilingual_and_gsm8k_validation_gaps_are_closed(tmp_path):
     with pytest.raises(ValueError, match=r"questions=.*needs a 'turns' column"):
         get_task("mt_bench").validate_files(DataSpec(
             name="mt_bench", data_files={"train": str(DATA / "code_train.jsonl"), "questions": str(bad)},
-            text_field="prompt", label_field="completion", judge={"local_model": str(tmp_path)}))
+            text_field="prompt", label_field="completion", options={"judge": {"local_model": str(tmp_path)}}))
     assert get_task("mt_bench").mode_of("judge_unparsed") == "min"
 
 

@@ -78,6 +78,9 @@ def test_plan_is_deterministic_and_per_method(tmp_path):
         ({"methods": {"lora": {"train.lr": {"loguniform": [0, 1]}}}}, r"loguniform: expected \[low, high\] with 0 < low"),
         ({"methods": {"boft": {"train.batch_size": 7}}}, r"methods\.boft\.train\.batch_size=7: must be divisible"),
         ({"target": {"metric": "f1"}}, r"target\.metric='f1': task 'bbc_news' reports"),
+        # a task's own key on a task that has no such option is rejected, not ignored
+        ({"data": {"name": "bbc_news", "samples_per_language": 8}},
+         r"line 4: data\.samples_per_language: task bbc_news does not use it \(tasks that do: flores, xnli\)"),
         ({"resources": {"num_workers": 0}}, r"resources\.num_workers=0"),
         ({"colour": "blue"}, r"colour: unknown section"),
         ({"tune": {"search_alg": "optuna"}}, r"search_alg='optuna': needs one method"),
@@ -186,7 +189,7 @@ def test_benchmark_tasks_in_sweep_files(tmp_path, capsys):
     ok = {**GOOD, "data": {"name": "flores", "data_files": flores, "languages": ["fra_Latn"], "max_new_tokens": 32},
           "target": {"metric": "chrf/fra_Latn", "value": 20.0}}
     spec = load_sweep(write(tmp_path, ok))
-    assert spec.data.languages == ("fra_Latn",)
+    assert spec.data.options.languages == ("fra_Latn",)
     assert main(["validate", write(tmp_path, {**ok, "data": {**ok["data"], "judge": {"local_model": "/j"}}})]) == 2
     assert "data.judge: task flores does not use it (tasks that do: mt_bench)" in capsys.readouterr().err
     no_judge = {**GOOD, "data": {"name": "mt_bench", "data_files": {"train": "x.jsonl"}}}
@@ -221,9 +224,25 @@ def test_the_judge_key_is_passed_to_cluster_workers_by_name(tmp_path, monkeypatc
 
     spec = load_sweep(write(tmp_path, GOOD))
     assert worker_env(spec) == {}
-    judged = dataclasses.replace(spec, data=DataSpec(name="mt_bench", judge={"base_url": "http://h:1/v1", "model": "m",
-                                                                            "api_key_env": "JUDGE_KEY_T"}))
+    judged = dataclasses.replace(spec, data=DataSpec(name="mt_bench", options={"judge": {
+        "base_url": "http://h:1/v1", "model": "m", "api_key_env": "JUDGE_KEY_T"}}))
     monkeypatch.delenv("JUDGE_KEY_T", raising=False)
     assert worker_env(judged) == {}
     monkeypatch.setenv("JUDGE_KEY_T", "sk-1")
     assert worker_env(judged) == {"JUDGE_KEY_T": "sk-1"}
+
+
+def test_each_task_has_its_own_data_options_and_the_flat_form_round_trips():
+    from orchestrator.tasks import DataSpec
+    from orchestrator.tasks.multilingual import FloresOptions
+
+    flat = {"name": "flores", "languages": ["fra_Latn"], "max_new_tokens": 8, "max_length": 64}
+    spec = DataSpec.from_dict(flat)
+    assert spec.options == FloresOptions(languages=("fra_Latn",), max_new_tokens=8)  # samples_per_language: 32
+    assert DataSpec.from_dict(spec.to_dict()) == spec and TrialConfig.from_dict({"data": spec.to_dict()}).data == spec
+    assert set(DataSpec(name="bbc_news").to_dict()) == {f for f in spec.to_dict()} - {"languages", "max_new_tokens",
+                                                                                       "samples_per_language"}
+    with pytest.raises(ValueError, match=r"data\.options: task xnli takes MultilingualOptions, got FloresOptions"):
+        DataSpec(name="xnli", options=spec.options)
+    with pytest.raises(ConfigError, match=r"^data\.max_new_tokens=0: must be an integer >= 1 or null$"):
+        DataSpec.from_dict({"name": "gsm8k", "max_new_tokens": 0})
