@@ -250,11 +250,12 @@ def report_to_mlflow(spec: SweepSpec, uri: str, parent: str | None, summary: dic
     import warnings
 
     from orchestrator import tracking
-    from orchestrator.compare import compare, write_report
 
     try:
         if parent:
             tracking.finish_parent_run(uri, parent, summary)
+        from orchestrator.compare import compare, write_report
+
         report = compare(uri, tracking.experiment_name(spec), parent)
         write_report(report, os.path.join(storage_path(spec), spec.name, "report"), uri=uri)
         from orchestrator.logged_models import log_best_models
