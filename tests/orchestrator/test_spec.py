@@ -212,6 +212,7 @@ def test_shape_errors_are_found_before_launch_on_the_meta_device(tmp_path, capsy
     assert main(["validate", write(tmp_path, bad)]) == 2
     err = capsys.readouterr().err
     assert "s.yaml" in err and "attention.self.query: in_features (384) must be divisible by block_size (5)" in err
+    assert "methods.boft (block_size=5): bert.encoder" in err  # which corner of the space, from the sweep file
     assert not ray.is_initialized()
     typo = {**GOOD, "methods": {"lora": {"target_modules": ["q_proj"]}}}  # Llama's name, not BERT's
     assert main(["validate", write(tmp_path, typo)]) == 2
