@@ -85,6 +85,22 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Declared default of every field, nested fields with dotted names; a nested config whose own
+    default is None (MT-Bench's judge) lists what its fields default to once it is given."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{f.name}.{k}": v for k, v in field_defaults(tp).items()})
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = None if f.default is dataclasses.MISSING else f.default
+    return out
+
+
 # Each field declares, beside its `help`, the name it is logged under (`param`, default: the field's
 # own name, whatever config it is nested in, so that LoRA's rank is `rank` in LoRA, LoRA-GA and the
 # hybrid) and its short name in trial names (`short`, default: the field's name).

@@ -281,10 +281,12 @@ def describe_task(task) -> int:
           f"(set target.metric / target.value to change it)")
     print(f"  data_files      {', '.join(task.split_names) or 'none (installed corpus)'}"
           f"{' (required)' if task.needs_files else ''}")
-    from methods.config import field_help
+    from methods.config import field_defaults, field_help
 
-    defaults = _flat(task.options_cls().to_dict())  # the task's own data: keys
+    defaults = field_defaults(task.options_cls)  # the task's own data: keys
     for key, help_text in field_help(task.options_cls).items():
+        if key == "max_new_tokens":
+            help_text += f" ({task.default_max_new_tokens} here)"
         print(f"  data.{key:26s} default {json.dumps(defaults.get(key))}  {help_text}")
     return 0
 

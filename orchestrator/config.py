@@ -190,10 +190,34 @@ class TrialConfig:
             if isinstance(data, dict) and "method" in data:
                 data = {**data, "method": method_config(data["method"], f"{path}.method" if path else "method")}
             if isinstance(data, dict) and isinstance(data.get("data"), dict):  # flat: the task's keys beside the common ones
-                data = {**data, "data": DataSpec.from_dict(data["data"], f"{path}.data" if path else "data")}
+                try:
+                    spec = DataSpec.from_dict(_stored_data(data["data"]))
+                except ValueError as e:  # its messages name the sweep file's keys, `data.<key>`
+                    raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+                data = {**data, "data": spec}
             return from_dict(cls, data, path)
         except ValueError as e:  # DataSpec raises plain ValueErrors with its own `data.` prefix
             raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+
+
+# A trial dict stored before each task had its own options (a checkpoint's trial.json, an MLflow
+# run, a sweep's saved Tune state) lists every task's option keys. Those its task did not read
+# then are dropped there: samples_per_language whatever its value (only xnli and flores read it),
+# the others at null (validation refused them set). A sweep file's `data:` section is read by
+# DataSpec.from_dict, strictly.
+_FLAT_BEFORE_TASK_OPTIONS = ("languages", "samples_per_language", "max_new_tokens", "num_samples", "judge")
+
+
+def _stored_data(data: dict[str, Any]) -> dict[str, Any]:
+    from orchestrator.tasks import TASKS
+
+    name = data.get("name")
+    task = TASKS.get(name) if isinstance(name, str) else None
+    if task is None:
+        return data
+    own = set(task.option_names())
+    return {k: v for k, v in data.items()
+            if k in own or k not in _FLAT_BEFORE_TASK_OPTIONS or (v is not None and k != "samples_per_language")}
 
 
 def _plain(value: Any) -> Any:

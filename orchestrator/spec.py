@@ -367,6 +367,9 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
                     check_model_fit(cfg, get_task(cfg.data.name), where=f"methods.{method} ({values})")
                 fitted.add(key)
             except (ConfigError, ValueError) as e:
-                if str(e) not in errors:
-                    errors.append(str(e))
+                msg = str(e)  # a train.* / deepspeed.* check of the whole trial: the method's entry set it
+                if any(msg.startswith(h + ".") and any(k.startswith(h + ".") for k in entries) for h in TRIAL_SECTIONS):
+                    msg = f"methods.{method}.{msg}"
+                if msg not in errors:
+                    errors.append(msg)
                 break

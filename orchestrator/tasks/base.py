@@ -129,6 +129,10 @@ class DataSpec:
         if not is_int(self.seed) or self.seed < 0:
             fail("seed", self.seed, "must be an integer >= 0")
         task = _registry().get(self.name)
+        if task is None and self.options:  # its keys cannot be checked: the name is what is wrong
+            from . import get_task
+
+            get_task(self.name)  # raises, naming data.name and the known tasks
         cls = task.options_cls if task is not None else TaskOptions  # an unknown task: validation names it
         if self.options is None or isinstance(self.options, Mapping):
             object.__setattr__(self, "options", _task_options(cls, dict(self.options or {}), self.name))
@@ -158,12 +162,16 @@ class DataSpec:
 
 
 def _task_options(cls: type[TaskOptions], values: dict[str, Any], task: str) -> TaskOptions:
-    """The task's options from their keys; a key of another task's options says which tasks take it."""
+    """The task's options from their keys; a key of another task's options says which tasks take it
+    (set to null it says nothing, and is dropped)."""
     from methods.config import from_dict
 
     known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
+    for key, value in list(values.items()):
         if key not in known:
+            if value is None and any(key in t.option_names() for t in _registry().values()):
+                del values[key]
+                continue
             users = sorted(n for n, t in _registry().items() if key in t.option_names())
             if users:
                 raise ValueError(f"data.{key}: task {task} does not use it (tasks that do: {', '.join(users)})")

@@ -247,3 +247,25 @@ def test_each_task_has_its_own_data_options_and_the_flat_form_round_trips():
         DataSpec(name="xnli", options=spec.options)
     with pytest.raises(ConfigError, match=r"^data\.max_new_tokens=0: must be an integer >= 1 or null$"):
         DataSpec.from_dict({"name": "gsm8k", "max_new_tokens": 0})
+    # A trial stored before tasks had their own options lists every task's keys at their defaults
+    old = {"data": {"name": "bbc_news", "languages": None, "samples_per_language": 32, "max_new_tokens": None,
+                    "num_samples": None, "judge": None}, "method": {"name": "lora", "config": {"r": 4}}}
+    cfg = TrialConfig.from_dict(old)
+    assert cfg.data == DataSpec(name="bbc_news") and cfg.method.r == 4 and cfg.method.alpha == 16.0
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+    # ... and one that set samples_per_language on a task that never read it ran without it
+    assert TrialConfig.from_dict({"data": {"name": "bbc_news", "samples_per_language": 8}}).data == cfg.data
+    # In a sweep file that key is refused; another task's key at null says nothing and is accepted
+    with pytest.raises(ConfigError, match=r"data\.samples_per_language: task bbc_news does not use it"):
+        DataSpec.from_dict({"name": "bbc_news", "samples_per_language": 8})
+    assert DataSpec.from_dict({"name": "bbc_news", "languages": None, "judge": None}) == DataSpec(name="bbc_news")
+    with pytest.raises(ValueError, match=r"data\.name='xnlii': unknown task"):  # a misspelt name, not its keys
+        DataSpec.from_dict({"name": "xnlii", "languages": ["fr"]})
+
+
+def test_a_per_method_section_error_found_on_the_whole_trial_names_the_methods_entry(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_batch_size": 999}')
+    bad = {**GOOD, "methods": {"lora": {"deepspeed.config_file": str(ds)}}}
+    with pytest.raises(SweepFileError, match=r"line \d+: methods\.lora\.deepspeed\.config_file=.*train_batch_size=999 disagrees"):
+        load_sweep(write(tmp_path, bad))
