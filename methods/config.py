@@ -72,33 +72,28 @@ class MethodConfig:
         return field_help(cls)
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """Help string of every field, nested fields with dotted names (for `orchestrate describe`)."""
-    out: dict[str, str] = {}
+def leaf_fields(cls: type, prefix: str = ""):
+    """(dotted name, field) of every non-config field, nested config fields walked into (also
+    one whose own default is None, as MT-Bench's judge)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _strip_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
-            out.update({f"{f.name}.{k}": v for k, v in field_help(tp).items()})
+            yield from leaf_fields(tp, f"{prefix}{f.name}.")
         else:
-            out[f.name] = f.metadata.get("help", "")
-    return out
+            yield f"{prefix}{f.name}", f
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help string of every field, nested fields with dotted names (for `orchestrate describe`)."""
+    return {name: f.metadata.get("help", "") for name, f in leaf_fields(cls)}
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
     """Declared default of every field, nested fields with dotted names; a nested config whose own
     default is None (MT-Bench's judge) lists what its fields default to once it is given."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = _strip_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            out.update({f"{f.name}.{k}": v for k, v in field_defaults(tp).items()})
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-        else:
-            out[f.name] = None if f.default is dataclasses.MISSING else f.default
-    return out
+    return {name: f.default_factory() if f.default_factory is not dataclasses.MISSING
+            else None if f.default is dataclasses.MISSING else f.default for name, f in leaf_fields(cls)}
 
 
 # Each field declares, beside its `help`, the name it is logged under (`param`, default: the field's
