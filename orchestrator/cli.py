@@ -29,6 +29,28 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    """Build DeepSpeed's JIT ops (and fetch FILE's models) on this machine; non-zero if a step failed."""
+    from orchestrator.nodes import ALL_OPS, hub_models, ops_for, prepare_node
+
+    if args.file:
+        from orchestrator.sweep import trial_configs
+
+        cfgs = trial_configs(_load(args.file))
+        ops, models = ops_for(cfgs), hub_models(cfgs)
+    else:
+        ops, models = list(ALL_OPS), []
+    print(f"preparing {', '.join(ops + models)} (a first op build takes a minute or two)", flush=True)
+    out = prepare_node(ops, models)
+    for lock in out["stale_locks"]:
+        print(f"  removed a stale build lock: {lock}")
+    for what, seconds in out["seconds"].items():
+        print(f"  {what}: ready in {seconds:.0f} s")
+    for what, why in out["failed"].items():
+        print(f"error: preparing {what} failed: {why}", file=sys.stderr)
+    return 1 if out["failed"] else 0
+
+
 def smoke(spec):
     """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs: every method of
     the file, its first seed, 2 steps and one evaluation on a little data, one worker per trial so that trials run side
@@ -307,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a sweep file without starting anything")
     v.add_argument("file")
     v.set_defaults(fn=cmd_validate)
+    pr = sub.add_parser("prepare", help="build DeepSpeed's ops (and fetch a sweep's models) on this machine, "
+                        "before any trial: for images, node setup commands and CI")
+    pr.add_argument("file", nargs="?", help="a sweep file: the ops its trials load and its models "
+                    "(default: every op a CPU trial may load, no models)")
+    pr.set_defaults(fn=cmd_prepare)
     s = sub.add_parser("sweep", help="run a sweep: Ray Tune over Ray Train + DeepSpeed trials")
     s.add_argument("file")
     s.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")

@@ -9,6 +9,10 @@ the same setup.
         - the Hugging Face snapshots of hub models (`model.name_or_path` that is no local folder),
           into the node's cache, and the one-time conversion of `pip:<package>` GGUF models.
 
+    orchestrate prepare [FILE]     the same on this machine, without Ray: in an image or a node's
+        setup commands, so that a node that joins a running sweep later (an autoscaled worker)
+        has its ops and models ready before its first trial, and in CI before the tests.
+
 A build lock left behind by a process killed mid-build (torch's JIT loader takes a lock file per
 op, and every later load waits on it forever) is removed with a warning when it is older than any
 build takes (`STALE_LOCK_S`). Each step that fails is reported and left to the trial, which then
@@ -26,14 +30,18 @@ from typing import Any
 from orchestrator.config import TrialConfig
 
 
-def _ops_for(cfgs: Iterable[TrialConfig]) -> list[str]:
+# Every JIT op a trial may load on a CPU node: the comm op (any trial), CPU Adam (offload).
+ALL_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+
+
+def ops_for(cfgs: Iterable[TrialConfig]) -> list[str]:
     ops = ["ShareMemCommBuilder"]
     if any(c.deepspeed.offload_optimizer or c.deepspeed.offload_param for c in cfgs):
         ops.append("CPUAdamBuilder")
     return ops
 
 
-def _hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
+def hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
     """Hub names to fetch and `pip:<package>` models to convert (not local folders)."""
     names = {c.model.name_or_path for c in cfgs if c.model.name_or_path}
     return sorted(n for n in names if not os.path.isdir(os.path.expanduser(n)))
@@ -103,7 +111,7 @@ def prepare_nodes(cfgs: Iterable[TrialConfig], quiet: bool = False) -> list[dict
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfgs = list(cfgs)
-    ops, models = _ops_for(cfgs), _hub_models(cfgs)
+    ops, models = ops_for(cfgs), hub_models(cfgs)
     # No resources held (the step must run while trials of another sweep hold every CPU), and the
     # node's GPUs left visible, so that DeepSpeed picks the accelerator the workers will use.
     task = ray.remote(num_cpus=0)(prepare_node)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from orchestrator.nodes import clear_stale_lock
+from orchestrator.nodes import ALL_OPS, clear_stale_lock
 
 
 def _lock_path(name: str) -> str:
@@ -27,15 +27,46 @@ def test_a_fresh_lock_is_kept_an_old_one_removed(tmp_path, monkeypatch):
     assert clear_stale_lock("some_op") is None  # nothing to do
 
 
-def test_a_stale_lock_no_longer_hangs_the_op_load():
-    """A lock left by a killed builder makes torch's loader wait forever; prepare_node clears it
-    and the op loads (built once if the cache is cold)."""
+def test_orchestrate_prepare_clears_a_stale_lock_and_builds_every_op():
+    """A lock left by a killed builder makes torch's loader wait forever; `orchestrate prepare` (what
+    an image or a node's setup runs) clears it and loads every op a CPU trial may need, built once
+    if the cache is cold."""
     lock = _lock_path("deepspeed_shm_comm")
     open(lock, "w").close()
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    code = ("from orchestrator.nodes import prepare_node; r = prepare_node(['ShareMemCommBuilder'], []); "
-            "print(r); assert not r['failed'] and r['stale_locks'], r")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "prepare"], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "removing" in done.stderr and not os.path.exists(lock)
+    assert f"removed a stale build lock: {lock}" in done.stdout
+    for op in ALL_OPS:
+        assert f"{op}: ready in" in done.stdout
+        assert os.path.exists(os.path.join(os.path.dirname(_lock_path(_op_name(op))), _op_name(op) + ".so"))
+
+
+def _op_name(op: str) -> str:
+    return {"ShareMemCommBuilder": "deepspeed_shm_comm", "CPUAdamBuilder": "cpu_adam"}[op]
+
+
+def test_prepare_a_sweep_file_fetches_its_models_and_names_what_failed(tmp_path, monkeypatch, capsys):
+    """With a sweep file: only the ops its trials load, and its hub models; one that cannot be
+    fetched (offline here) is an error naming it, with a non-zero exit."""
+    import yaml
+
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "..", "search_spaces", "quickstart.yaml")))
+    spec["storage"] = str(tmp_path / "runs")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["prepare", str(path)]) == 0  # the bundled MiniLM: a local folder, nothing to fetch
+    out = capsys.readouterr().out
+    assert "ShareMemCommBuilder: ready" in out and "CPUAdam" not in out  # no offload in this file
+
+    spec["model"] = {"name_or_path": "no-such-org/no-such-model"}  # valid; fetched only when prepared
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["prepare", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: preparing no-such-org/no-such-model failed" in err
