@@ -42,8 +42,6 @@ def cmd_prepare(args) -> int:
         ops, models = list(ALL_OPS), []
     print(f"preparing {', '.join(ops + models)} (a first op build takes a minute or two)", flush=True)
     out = prepare_node(ops, models)
-    for lock in out["stale_locks"]:
-        print(f"  removed a stale build lock: {lock}")
     for what, seconds in out["seconds"].items():
         print(f"  {what}: ready in {seconds:.0f} s")
     for what, why in out["failed"].items():

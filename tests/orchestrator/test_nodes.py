@@ -38,8 +38,8 @@ def test_orchestrate_prepare_clears_a_stale_lock_and_builds_every_op():
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "prepare"], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "removing" in done.stderr and not os.path.exists(lock)
-    assert f"removed a stale build lock: {lock}" in done.stdout
+    assert not os.path.exists(lock)
+    assert f"removing {lock}" in done.stderr
     for op in ALL_OPS:
         assert f"{op}: ready in" in done.stdout
         assert os.path.exists(os.path.join(os.path.dirname(_lock_path(_op_name(op))), _op_name(op) + ".so"))
