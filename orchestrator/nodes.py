@@ -31,14 +31,13 @@ from orchestrator.config import TrialConfig
 
 
 # Every JIT op a trial may load on a CPU node: the comm op (any trial), CPU Adam (offload).
-ALL_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+COMM_OP, CPU_ADAM_OP = "ShareMemCommBuilder", "CPUAdamBuilder"
+ALL_OPS = (COMM_OP, CPU_ADAM_OP)
 
 
 def ops_for(cfgs: Iterable[TrialConfig]) -> list[str]:
-    ops = ["ShareMemCommBuilder"]
-    if any(c.deepspeed.offload_optimizer or c.deepspeed.offload_param for c in cfgs):
-        ops.append("CPUAdamBuilder")
-    return ops
+    offload = any(c.deepspeed.offload_optimizer or c.deepspeed.offload_param for c in cfgs)
+    return [COMM_OP, CPU_ADAM_OP] if offload else [COMM_OP]
 
 
 def hub_models(cfgs: Iterable[TrialConfig]) -> list[str]:
