@@ -12,6 +12,7 @@ the run later fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -43,10 +44,36 @@ def _report_log_callback(path: str):
     return ReportLog()
 
 
+@functools.cache
+def _trainer_class():
+    """TorchTrainer without Ray Data's part when a run has no Ray Datasets (trials never pass any:
+    each worker loads its task's data itself). Ray Train (2.60) starts a DatasetManager actor with
+    every run, datasets or not: one more process per trial that imports Ray Data (~1.3 s of CPU,
+    ~0.7 s of a 2-core machine's trial start, measured in BENCHMARKS.md). With datasets, or on a
+    Ray without that hook, it is Ray's own TorchTrainer."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class TrialTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return TrialTrainer
+
+
 def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str, callbacks=()):
     """The TorchTrainer for one trial; validated config in, nothing launched yet."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from orchestrator.worker import train_loop_per_worker
 
@@ -56,7 +83,7 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
     if res.gpus_per_worker:
         per_worker["GPU"] = res.gpus_per_worker
     log = [_report_log_callback(os.path.join(storage_path, name, REPORTS_FILE))] if "://" not in storage_path else []
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         # launched_at: the worker group's start-up is reported apart (worker_start_s), never in a clock.
         train_loop_config={"trial": cfg.to_dict(), "target": dataclasses.asdict(target), "name": name,

@@ -73,10 +73,17 @@ def _train_worker_pids() -> list[int]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
+def _actors_started(cls: str) -> int:
+    """Actors of this class that Ray started in the session, alive or not (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", cls)], limit=10_000, raise_on_missing_output=False))
+
+
 def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray_session, tmp_path):
     """The whole trial path (Ray Train, 2 DeepSpeed ZeRO-2 workers, the real MiniLM on BBC News) with
     a worker killed after the first checkpoint: the trial resumes from it, and its reports, clocks
-    and time to quality are those of an uninterrupted run."""
+    and time to quality are those of an uninterrupted run. Ray starts no Ray Data process for it."""
     cfg = trial_config(train={"max_steps": 15, "max_failures": 1})
     killed: list[int] = []
 
@@ -93,8 +100,11 @@ def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
+    before = {cls: _actors_started(cls) for cls in ("TrainController", "DatasetManager")}
     result = run_trial(cfg, str(tmp_path), "killed")
     killer.join(timeout=5)
+    # One controller, and no Ray Data process: trials pass no Ray Datasets (trial._trainer_class)
+    assert {cls: _actors_started(cls) - n for cls, n in before.items()} == {"TrainController": 1, "DatasetManager": 0}
     assert killed, "no worker was killed"
     assert result.error is None
     reports = read_reports(str(tmp_path), "killed")
