@@ -104,8 +104,17 @@ def prepare_node(ops: list[str], models: list[str], max_lock_age_s: float = STAL
     return out
 
 
+# (Ray node id, op or model) prepared by this driver process. A second sweep or trial from the same
+# process (a notebook, a script of several runs) does not start a task per node (~3 s: a process
+# that imports DeepSpeed) to find the same ops built; a node that joined since, or a new cluster
+# (new node ids), is prepared.
+_PREPARED: set[tuple[str, str]] = set()
+
+
 def prepare_nodes(cfgs: Iterable[TrialConfig], quiet: bool = False) -> list[dict[str, Any]]:
-    """`prepare_node` on every alive node of the connected Ray cluster (Ray must be initialised)."""
+    """`prepare_node` on every alive node of the connected Ray cluster (Ray must be initialised);
+    one result per node, in `ray.nodes()` order (a node already prepared by this process: nothing
+    in `seconds`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -115,24 +124,34 @@ def prepare_nodes(cfgs: Iterable[TrialConfig], quiet: bool = False) -> list[dict
     # node's GPUs left visible, so that DeepSpeed picks the accelerator the workers will use.
     task = ray.remote(num_cpus=0)(prepare_node)
     env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    nodes = {n["NodeID"]: n["NodeManagerHostname"] for n in ray.nodes() if n.get("Alive")}
+    todo = {node: ([o for o in ops if (node, o) not in _PREPARED], [m for m in models if (node, m) not in _PREPARED])
+            for node in nodes}
     started = time.time()
-    refs = [task.options(runtime_env=env, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-            .remote(ops, models) for n in nodes]
+    refs = {task.options(runtime_env=env, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(*items): node for node, items in todo.items() if any(items)}
     # Bounded: a node stuck here (a build lock younger than STALE_LOCK_S that nobody holds, a hub
     # that never answers) must not hold the sweep; its trials meet the same problem under their
     # stall watchdog, which fails them with the reason.
-    done, pending = ray.wait(refs, num_returns=len(refs), timeout=PREPARE_TIMEOUT_S)
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=PREPARE_TIMEOUT_S) if refs else ([], [])
     for ref in pending:
         ray.cancel(ref, force=True)
-    results = ray.get(done)
+    ran = {refs[ref]: result for ref, result in zip(done, ray.get(done))}
+    for node, result in ran.items():
+        _PREPARED.update((node, item) for item in [*todo[node][0], *todo[node][1]] if item not in result["failed"])
+    stuck = {refs[ref] for ref in pending}
+    results = [ran.get(node) or {"node": host, "seconds": {}, "stale_locks": [],
+                                 "failed": {"prepare": f"not done within {PREPARE_TIMEOUT_S:.0f} s"} if node in stuck else {}}
+               for node, host in nodes.items()]
     if pending:
         print(f"warning: {len(pending)} node(s) not prepared within {PREPARE_TIMEOUT_S:.0f} s (DeepSpeed op build or "
               "model download stuck); their trials will try again", file=sys.stderr, flush=True)
     if not quiet:
-        failed = {f"{r['node']}:{k}": v for r in results for k, v in r["failed"].items()}
-        print(f"prepared {len(nodes)} node(s) in {time.time() - started:.0f} s (DeepSpeed ops {', '.join(ops)}"
-              f"{'; models ' + ', '.join(models) if models else ''})", file=sys.stderr, flush=True)
+        failed = {f"{r['node']}:{k}": v for r in results for k, v in r["failed"].items() if k != "prepare"}
+        already = len(nodes) - len(refs)
+        print(f"prepared {len(refs)} node(s) in {time.time() - started:.0f} s (DeepSpeed ops {', '.join(ops)}"
+              f"{'; models ' + ', '.join(models) if models else ''})"
+              f"{f'; {already} already prepared by this process' if already else ''}", file=sys.stderr, flush=True)
         for what, why in failed.items():
             print(f"warning: preparing {what} failed ({why}); the trials will try again", file=sys.stderr)
     return results
