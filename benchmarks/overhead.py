@@ -13,8 +13,9 @@ same steps whatever its seed:
           DeepSpeed ZeRO-2, MLflow in a local SQLite store), driver start to exit;
   sweep6  the same sweep with 6 seeds, one trial at a time;
   floor   Ray Train's own cost per run: a bare `TorchTrainer` of 2 workers x 0.49 CPU whose train
-          function does nothing, three `fit()`s in one process after Ray started (median), with the
-          environment `orchestrate sweep` gives a local Ray: what no code of this project can cut.
+          function does nothing, `fit()`s in one process after Ray started (median), with the
+          environment `orchestrate sweep` gives a local Ray, alternating with the same empty run of
+          the trials' trainer (`trial._trainer_class`: no Ray Data actor).
 Each plain loop runs twice (the mean is used). The per-part breakdown comes from the sweep's
 `summary.json` (`driver`: the driver's timeline) and the trials' reports (`worker_start_s`,
 `setup_s`, method init, steps, evaluations, checkpoints). The fixed cost of a trial is the
@@ -42,6 +43,7 @@ DATA = {"name": "bbc_news", "max_train_samples": 512, "max_eval_samples": 128, "
 METHOD = {"lora_ga": {"lora": {"r": 8}}, "boft": {"block_size": 8}}
 TRAIN = {"max_steps": STEPS, "batch_size": 16, "eval_every": EVAL_EVERY, "lr": 2.0e-3, "warmup_steps": 5,
          "stop_at_target": False}
+FLOOR_PAIRS = 4  # empty fit()s of each kind, alternating, after one warm-up
 TRIAL_PARTS = ("worker_start_s", "setup_s", "method_init_s", "train_s", "eval_s", "checkpoint_s")
 
 
@@ -99,23 +101,30 @@ def _empty(config) -> None:
 
 
 def ray_floor() -> None:
-    """Three fit()s of an empty TorchTrainer; prints their wall times as JSON."""
+    """fit()s of an empty run, alternating Ray's bare TorchTrainer and the trials' trainer (the same
+    without Ray Data's actor, `trial._trainer_class`); prints their wall times as JSON."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from orchestrator.cli import use_local_ray_env
+    from orchestrator.trial import _trainer_class
 
     use_local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="floor-")
-    walls = []
-    for i in range(3):
+    def fit(cls, name: str) -> float:
         started = time.time()
-        TorchTrainer(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
-                     run_config=ray.train.RunConfig(name=f"floor{i}", storage_path=tmp)).fit()
-        walls.append(time.time() - started)
-    print(json.dumps({"fit_s": walls}))
+        cls(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
+            run_config=ray.train.RunConfig(name=name, storage_path=tmp)).fit()
+        return time.time() - started
+
+    fit(TorchTrainer, "warm-up")  # the first run after Ray's start is seconds slower: not counted
+    walls: dict[str, list[float]] = {"bare": [], "trial": []}
+    for i in range(FLOOR_PAIRS):
+        for kind, cls in (("bare", TorchTrainer), ("trial", _trainer_class())):
+            walls[kind].append(fit(cls, f"floor-{kind}{i}"))
+    print(json.dumps(walls))
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -172,8 +181,10 @@ def main() -> None:
     six = sweep(tmp, "overhead6", 6, env)
     print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
     _, out = timed([sys.executable, __file__, "--ray-floor"], env)
-    floor = json.loads(out.strip().splitlines()[-1])["fit_s"]
-    print(f"empty TorchTrainer fit(): {', '.join(f'{w:.1f}' for w in floor)} s", flush=True)
+    floors = json.loads(out.strip().splitlines()[-1])
+    floor, lean = floors["bare"], floors["trial"]
+    print(f"empty fit(): TorchTrainer {', '.join(f'{w:.1f}' for w in floor)} s; "
+          f"the trials' trainer {', '.join(f'{w:.1f}' for w in lean)} s", flush=True)
 
     marginal = (six["wall_s"] - one["wall_s"]) / 5
     trial_mean = {k: statistics.mean(t[k] for t in six["trials"]) for k in (*TRIAL_PARTS, "elapsed_s")}
@@ -194,8 +205,10 @@ def main() -> None:
         f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
         f"trial: {fmt_parts(one['trials'][0])} |",
         f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
-        f"| Ray Train alone: an empty train function, 2 workers (`fit()`, Ray already started) | "
-        f"{statistics.median(floor):.1f} | three runs: {', '.join(f'{w:.1f}' for w in floor)} |",
+        f"| Ray Train alone: an empty train function, 2 workers (`fit()`, Ray already started), median | "
+        f"{statistics.median(floor):.1f} | {len(floor)} runs: {', '.join(f'{w:.1f}' for w in floor)} |",
+        f"| the same with the trials' trainer (no Ray Data actor), alternating with the row above, median | "
+        f"{statistics.median(lean):.1f} | {len(lean)} runs: {', '.join(f'{w:.1f}' for w in lean)} |",
         "",
         f"- marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5: {marginal:.1f} s; "
         f"fixed cost per trial over the plain loop: **{marginal - plain:.1f} s** (goal <= 10 s)",
@@ -204,7 +217,8 @@ def main() -> None:
         f"{trial_mean['method_init_s'] + trial_mean['train_s'] + trial_mean['eval_s']:.1f} s; "
         f"the rest of the marginal cost ({marginal - span:.1f} s) is Tune's trial actor start and Train's shutdown",
         f"- of that fixed cost, Ray Train's own run start and end (the empty function's `fit()`) is "
-        f"{statistics.median(floor):.1f} s; the plain loop pays none of it",
+        f"{statistics.median(floor):.1f} s, {statistics.median(lean):.1f} s with the trials' trainer; the plain loop "
+        "pays none of it",
         f"- six-trial sweep / six plain loops: **{six['wall_s'] / (6 * plain):.2f}x** (goal <= 1.25x); "
         f"one-trial sweep / one plain loop: {one['wall_s'] / plain:.2f}x",
     ]
