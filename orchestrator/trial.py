@@ -48,8 +48,8 @@ def _report_log_callback(path: str):
 def _trainer_class():
     """TorchTrainer without Ray Data's part when a run has no Ray Datasets (trials never pass any:
     each worker loads its task's data itself). Ray Train (2.60) starts a DatasetManager actor with
-    every run, datasets or not: one more process per trial that imports Ray Data (~1.3 s of CPU,
-    ~0.7 s of a 2-core machine's trial start, measured in BENCHMARKS.md). With datasets, or on a
+    every run, datasets or not: one more process per trial that imports Ray Data (~1.3 s of CPU;
+    an empty run 0.8 s shorter without it on 2 cores, BENCHMARKS.md). With datasets, or on a
     Ray without that hook, it is Ray's own TorchTrainer."""
     from ray.train.torch import TorchTrainer
 
