@@ -75,28 +75,3 @@ def test_prepare_a_sweep_file_readies_its_ops_and_models_and_names_what_failed(t
     err = capsys.readouterr().err
     assert "error: preparing no-such-org/no-such-model failed" in err
 
-
-def test_a_driver_prepares_each_node_once_per_op_and_model(ray_session, monkeypatch, capsys):
-    """A second sweep or trial from the same process starts no preparation task on a node that this
-    process already prepared for the same ops; an op not yet prepared there still is."""
-    from ray.util.state import list_tasks
-
-    from orchestrator import nodes
-    from orchestrator.config import TrialConfig
-
-    def tasks_run() -> int:
-        return len(list_tasks(filters=[("name", "=", "prepare_node")], limit=10_000, raise_on_missing_output=False))
-
-    monkeypatch.setattr(nodes, "_PREPARED", set())
-    plain = TrialConfig.from_dict({"data": {"name": "bbc_news"}, "method": {"name": "lora", "config": {}}})
-    offload = TrialConfig.from_dict({"data": {"name": "bbc_news"}, "method": {"name": "lora", "config": {}},
-                                     "deepspeed": {"zero_stage": 2, "offload_optimizer": True}})
-    before = tasks_run()
-    (first,) = nodes.prepare_nodes([plain], quiet=True)
-    assert set(first["seconds"]) == {nodes.COMM_OP} and not first["failed"]
-    (again,) = nodes.prepare_nodes([plain])
-    assert again["seconds"] == {} and not again["failed"]
-    assert "prepared 0 node(s) in 0 s (DeepSpeed ops ShareMemCommBuilder); 1 already prepared by this process" in capsys.readouterr().err
-    (more,) = nodes.prepare_nodes([offload], quiet=True)
-    assert set(more["seconds"]) == {nodes.CPU_ADAM_OP}  # the comm op was ready; CPU Adam was not asked for yet
-    assert tasks_run() - before == 2

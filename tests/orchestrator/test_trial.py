@@ -151,6 +151,35 @@ def cpu_adam(ray_session):
     assert not node["failed"], node["failed"]
 
 
+def test_a_driver_prepares_each_node_once_per_op_and_model(ray_session, monkeypatch, capsys):
+    """A second sweep or trial from the same process starts no preparation task on a node that this
+    process already prepared for the same ops; an op not yet prepared there still is."""
+    from ray.util.state import list_tasks
+
+    from orchestrator import nodes
+    from orchestrator.config import TrialConfig
+
+    def tasks_run() -> int:
+        return len(list_tasks(filters=[("name", "=", "prepare_node")], limit=10_000, raise_on_missing_output=False))
+
+    monkeypatch.setattr(nodes, "_PREPARED", set())
+    plain = TrialConfig.from_dict({"data": {"name": "bbc_news"}, "method": {"name": "lora", "config": {}}})
+    offload = TrialConfig.from_dict({"data": {"name": "bbc_news"}, "method": {"name": "lora", "config": {}},
+                                     "deepspeed": {"zero_stage": 2, "offload_optimizer": True}})
+    before = tasks_run()
+    (first,) = nodes.prepare_nodes([plain], quiet=True)
+    assert set(first["seconds"]) == {nodes.COMM_OP} and not first["failed"]
+    (again,) = nodes.prepare_nodes([plain])
+    assert again["seconds"] == {} and not again["failed"]
+    assert "prepared 0 node(s) in 0 s (DeepSpeed ops ShareMemCommBuilder); 1 already prepared by this process" in capsys.readouterr().err
+    (more,) = nodes.prepare_nodes([offload], quiet=True)
+    assert set(more["seconds"]) == {nodes.CPU_ADAM_OP}  # the comm op was ready; CPU Adam was not asked for yet
+    deadline = time.time() + 20  # Ray's task events reach its state API within a second or two
+    while tasks_run() - before < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert tasks_run() - before == 2  # the second call started no task
+
+
 def test_hybrid_gates_move_identically_across_ranks_under_zero2_with_cpu_adam_offload(cpu_adam, tmp_path):
     """The hybrid under ZeRO-2 with the optimizer offloaded to DeepSpeed's CPU Adam (one trial for
     both: each trial costs ~15 s of Ray Train start-up): the gates read the partitioned, offloaded
