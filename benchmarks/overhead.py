@@ -113,6 +113,7 @@ def ray_floor() -> None:
     use_local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="floor-")
+
     def fit(cls, name: str) -> float:
         started = time.time()
         cls(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),

@@ -74,4 +74,3 @@ def test_prepare_a_sweep_file_readies_its_ops_and_models_and_names_what_failed(t
     assert main(["prepare", str(path)]) == 1
     err = capsys.readouterr().err
     assert "error: preparing no-such-org/no-such-model failed" in err
-
