@@ -49,15 +49,13 @@ def _trainer_class():
     """TorchTrainer without Ray Data's part when a run has no Ray Datasets (trials never pass any:
     each worker loads its task's data itself). Ray Train (2.60) starts a DatasetManager actor with
     every run, datasets or not: one more process per trial that imports Ray Data (~1.3 s of CPU;
-    an empty run 0.8 s shorter without it on 2 cores, BENCHMARKS.md). With datasets, or on a
-    Ray without that hook, it is Ray's own TorchTrainer."""
+    an empty run 0.8 s shorter without it on 2 cores, BENCHMARKS.md). With datasets it is Ray's own
+    TorchTrainer; on a Ray without that private hook the override is never called and changes nothing."""
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     except ImportError:
-        return TorchTrainer
-    if not hasattr(TorchTrainer, "_create_default_callbacks"):
         return TorchTrainer
 
     class TrialTrainer(TorchTrainer):
