@@ -144,10 +144,8 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print_plan(spec)
         return 0
-    from orchestrator.progress import fmt, format_table
-    from orchestrator.sweep import run_sweep
-
     from orchestrator import tracking
+    from orchestrator.sweep import run_sweep
 
     tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
     if args.cluster:
@@ -159,13 +157,27 @@ def cmd_sweep(args) -> int:
             raise ConfigError(f"--cluster {args.cluster}: not a readable cluster file ({type(e).__name__}: {e})") from None
     init_ray(args.address, args.verbose, env_vars=worker_env(spec))
     results, summary = run_sweep(spec, resume=args.resume, cluster_file=args.cluster)
+    return print_summary(summary)
+
+
+def print_summary(summary: dict) -> int:
+    """The end of `orchestrate sweep`: the best trial per method, how the sweep ended, the failed
+    trials. Returns the exit status: 1 when every trial failed."""
     from orchestrator import report
+    from orchestrator.progress import fmt, format_table
 
     columns = [k for k in report.COLUMNS if k not in ("step", "stop_reason")]
     rows = [[m, b["name"], *(fmt(b[k], 4) for k in columns), fmt(b["metric"])] for m, b in sorted(summary["best"].items())]
     t = summary["target"]
     print(f"\nBest per method (target {t['metric']} {'>=' if t['mode'] == 'max' else '<='} {t['value']}):")
     print(format_table(rows, ["method", "best trial", *map(report.short, columns), t["metric"]]))
+    if summary["ended_by"] == "time_budget":
+        stopped = sum(x["stop_reason"] == "time_budget" for x in summary["trials"])
+        not_run = summary["not_run"]
+        names = ", ".join(not_run[:5]) + (", ..." if len(not_run) > 5 else "")
+        print(f"Ended by its time budget (tune.time_budget_s: {summary['time_budget']['time_budget_s']:g}): "
+              f"{stopped} running trial(s) stopped; {len(not_run)} of {len(not_run) + len(summary['trials'])} "
+              f"planned trials never ran" + (f" ({names})" if not_run else ""))
     failed = [x for x in summary["trials"] if x["status"] == "ERROR"]
     for x in failed:
         print(f"FAILED {x['name']}: {x['error']}")

@@ -76,7 +76,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("lr", "", "learning rate after the step"),
     Field("target_reached", "bool", "the target was reached at or before this report"),
     Field("done", "bool", "the last report of the trial", metric=False),
-    Field("stop_reason", "", "target_reached | budget | diverged | stalled (the worker); early_stopped, error (the sweep)", metric=False),
+    Field("stop_reason", "", "target_reached | budget | diverged | stalled (the worker); early_stopped, time_budget, error (the sweep)", metric=False),
     Field("target_metric", "", "the metric the target is on", metric=False),
     Field("target", "", "the target value", metric=False),
     Field("layers", "", "per-layer diagnostics of the method ({layer: {name: value}}, e.g. the hybrid's gate)", metric=False),

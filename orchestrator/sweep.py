@@ -101,6 +101,13 @@ def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
     return [TrialConfig.from_dict(t["trial"]) for t in spec.plan()]
 
 
+def planned_names(spec: SweepSpec) -> list[str]:
+    """The planned trials' names; Optuna's samples, whose points come later, by method and seed."""
+    if spec.tune.search_alg == "optuna":
+        return [trial_name(trial_configs(spec)[0].to_dict())] * spec.num_trials
+    return [trial_name(t["trial"], t["point"]) for t in spec.plan()]
+
+
 def max_reports(spec: SweepSpec) -> int:
     """Reports (Tune's iterations) of the longest trial, ASHA's max_t: a method's own
     train.max_steps / eval_every count, not only the file's."""
@@ -111,7 +118,10 @@ def storage_path(spec: SweepSpec) -> str:
     return spec.storage if "://" in spec.storage else os.path.abspath(os.path.expanduser(spec.storage))
 
 
-def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = False, cluster_file: str | None = None):
+def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = False, cluster_file: str | None = None,
+                time_budget=None):
+    """A new sweep's Tuner, or the restored one. `time_budget` (a budget.TimeBudget) takes the place
+    of TuneConfig(time_budget_s), which would end the sweep the same way but keep no record of it."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -145,10 +155,11 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
             metric=target.metric, mode=target.mode, scheduler=scheduler, search_alg=search_alg,
             num_samples=t.num_samples if t.search_alg == "optuna" else 1,
             max_concurrent_trials=concurrent,
-            time_budget_s=t.time_budget_s, trial_name_creator=name_creator,
+            trial_name_creator=name_creator,
             trial_dirname_creator=lambda trial: f"{name_creator(trial)}-{trial.trial_id}",
         ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(spec), callbacks=list(callbacks),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(spec), stop=time_budget,
+                                  callbacks=[*callbacks, *([time_budget] if time_budget else [])],
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0),
     )
 
@@ -191,7 +202,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     With `track`, an MLflow parent run is opened first (a resumed sweep keeps its own: the tracker
     is restored from Tune's state), every trial becomes a child run, and the comparison report
     is written at the end."""
-    from orchestrator import tracking
+    from orchestrator import budget, tracking
     from orchestrator.progress import LiveTable
 
     timeline = Timeline()
@@ -217,9 +228,16 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         timeline.mark("prepare_nodes_s")
         parent = opening.result()
     timeline.mark("tracking_s")  # what opening the parent run took beyond the nodes' preparation
+    record = budget.record_path(storage_path(spec), spec.name)
+    time_budget = None
+    if not resume:
+        storage.delete(record)  # an earlier sweep of the same name and storage: its end is not this one's
+        if spec.tune.time_budget_s is not None:
+            time_budget = budget.TimeBudget(spec.tune.time_budget_s, record)
     if track and not resume:
-        live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target))
-    tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume, cluster_file=cluster_file)
+        live.append(tracking.MlflowTracker(uri, tracking.experiment_name(spec), parent, target, time_budget=time_budget))
+    tuner = build_tuner(spec, target, callbacks=[*live, *callbacks], resume=resume, cluster_file=cluster_file,
+                        time_budget=time_budget)
     started = time.time()
     try:
         with StopSignal() as stop:
@@ -228,11 +246,12 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         if parent:
             tracking.finish_parent_run(uri, parent, None, status="FAILED")
         raise
-    if stop.received or interrupted(results, spec):  # Ctrl-C: Tune saved its state; no partial summary
+    ended = budget.read(record)  # the budget ran out, in this driver run or an earlier one
+    if stop.received or (ended is None and interrupted(results, spec)):  # Ctrl-C: Tune saved its state
         if parent:  # KILLED until --resume reopens it
             tracking.finish_parent_run(uri, parent, None, status="KILLED")
         raise KeyboardInterrupt
-    summary = summarize(results, target)
+    summary = summarize(results, target, ended, plan=planned_names(spec))
     summary["wall_s"] = time.time() - started
     timeline.mark("trials_s")
     summary["driver"] = timeline.parts
@@ -299,28 +318,37 @@ def interrupted(results, spec: SweepSpec) -> bool:
     return len(trials) < spec.num_trials or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
-def stop_reason(result) -> str:
-    """target_reached | budget | diverged (the trial says so) | early_stopped (ASHA) | stalled
-    (its watchdog fired) | error."""
+def stop_reason(result, stopped_by_budget: bool = False) -> str:
+    """target_reached | budget | diverged (the trial says so) | early_stopped (ASHA) | time_budget
+    (the sweep's ran out) | stalled (its watchdog fired) | error."""
     if result.error is not None:
         return "stalled" if "TrialStalled" in f"{result.error!r} {result.error}" else "error"
     m = result.metrics or {}
-    return m.get("stop_reason") or "early_stopped"
+    return m.get("stop_reason") or ("time_budget" if stopped_by_budget else "early_stopped")
 
 
-def summarize(results, target: Target) -> dict[str, Any]:
+def summarize(results, target: Target, ended: dict | None = None, plan: list[str] | None = None) -> dict[str, Any]:
     """Per trial: status and final numbers (report.SUMMARY); per method: the best trial by the one
-    ranking rule (report.rank_key: reached, then training time-to-quality, then the final metric)."""
+    ranking rule (report.rank_key: reached, then training time-to-quality, then the final metric).
+    `ended`: the time budget's record (budget.py) when the budget ended the sweep; `plan`: the
+    planned trials' names, so that `not_run` names those that never started."""
+    from collections import Counter
+
     from orchestrator import report
 
+    stopped = set((ended or {}).get("stopped", ()))
     trials = []
     for r in results:
         m = r.metrics or {}
+        trial_id = os.path.basename(r.path or "").rsplit("-", 1)[-1]  # folders: <name>-<trial id>
+        if not m and r.error is None and trial_id not in stopped:
+            continue  # created, never started: the budget ran out first
         trials.append({
             "trial_id": m.get("trial_id") or os.path.basename(r.path or ""),
-            "name": r.config["run"]["name"], "method": r.config["run"]["trial"]["method"]["name"],
+            "name": r.config["run"]["name"] or trial_name(r.config["run"]["trial"]),  # Optuna's: by method, seed
+            "method": r.config["run"]["trial"]["method"]["name"],
             "config": r.config["run"]["trial"],
-            "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r),
+            "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r, trial_id in stopped),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
             "metric": m.get(target.metric), **{k: m.get(k) for k in report.SUMMARY},
             # The trial's last checkpoint (TuneReportCallback puts its path in the report), for `orchestrate export`
@@ -336,4 +364,7 @@ def summarize(results, target: Target) -> dict[str, Any]:
             continue
         if t["method"] not in best or key(t) > key(best[t["method"]]):
             best[t["method"]] = t
-    return {"target": dataclasses.asdict(target), "trials": trials, "best": best}
+    not_run = Counter(plan or []) - Counter(t["name"] for t in trials)
+    return {"target": dataclasses.asdict(target), "trials": trials, "best": best,
+            "ended_by": "time_budget" if ended else "completed", "time_budget": ended,
+            "not_run": sorted(not_run.elements())}

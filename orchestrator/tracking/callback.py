@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 class MlflowTracker(Callback):
     """One child run per trial under the parent run. Tune calls these hooks on its driver loop; they
     only enqueue work for one background thread, so MLflow never stalls the sweep. `failures`
-    counts MLflow calls that failed (each one logged as a warning)."""
+    counts MLflow calls that failed (each one logged as a warning). `time_budget`: the sweep's
+    budget.TimeBudget, which says which trials it stopped (Tune calls no hook for those)."""
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str | None, target, flush_timeout_s: float = 120.0):
+    def __init__(self, uri: str, experiment: str, parent_run_id: str | None, target, flush_timeout_s: float = 120.0,
+                 time_budget=None):
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
-        self.target, self.flush_timeout_s = _target_dict(target), flush_timeout_s
+        self.target, self.flush_timeout_s, self.time_budget = _target_dict(target), flush_timeout_s, time_budget
         self.failures = 0
         self._init_runtime()
 
@@ -35,10 +37,11 @@ class MlflowTracker(Callback):
         self._client = self._experiment_id = None
 
     def __getstate__(self):  # Tune pickles its RunConfig (and so this) into tuner.pkl
-        return {k: self.__dict__[k] for k in ("uri", "experiment", "parent_run_id", "target", "flush_timeout_s", "failures")}
+        keep = ("uri", "experiment", "parent_run_id", "target", "flush_timeout_s", "failures", "time_budget")
+        return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"time_budget": None, **state})  # a sweep started before the field existed
         self._init_runtime()
 
     # -- the thread
@@ -123,6 +126,9 @@ class MlflowTracker(Callback):
         self._submit(self._end, *self._who(trial), "ERROR", reason, text)
 
     def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            if self.time_budget is not None and self.time_budget.stopped(trial.trial_id):
+                self._submit(self._end, *self._who(trial), "TERMINATED", "time_budget", None)
         if not self.flush():
             log.warning("MLflow: gave up waiting after %.0f s; run `orchestrate sync` to finish the log", self.flush_timeout_s)
         if self.failures:

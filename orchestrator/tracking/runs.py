@@ -125,10 +125,11 @@ def finish_parent_run(uri: str, run_id: str, summary: dict | None = None, status
             client.log_dict(run_id, summary, "summary.json")
             trials = summary.get("trials", [])
             metrics = {"trials": len(trials), "failed": sum(t["status"] == "ERROR" for t in trials),
-                       "reached_target": sum(t.get("time_to_quality_s") is not None for t in trials)}
+                       "reached_target": sum(t.get("time_to_quality_s") is not None for t in trials),
+                       "not_run": len(summary.get("not_run", []))}
             if summary.get("wall_s") is not None:
                 metrics["wall_s"] = summary["wall_s"]
-            _log_batch(client, run_id, metrics=metrics)
+            _log_batch(client, run_id, metrics=metrics, tags={"ended_by": summary.get("ended_by", "completed")})
         client.set_terminated(run_id, status)
     except Exception as e:
         log.warning("MLflow: could not finish parent run %s: %s", run_id, e)

@@ -11,7 +11,7 @@ from methods.config import ConfigError
 from orchestrator import report
 
 from .params import _text, report_metrics
-from .runs import _log_batch, ensure_experiment, find_or_create_run, finish_run
+from .runs import _log_batch, ensure_experiment, find_or_create_run, finish_parent_run, finish_run
 
 
 def _read(path: str, lines: bool = False) -> Any:
@@ -107,8 +107,7 @@ def sync_from_storage(path: str, uri: str, experiment: str | None = None) -> dic
         counts["trials"] += 1
         counts["created"] += not before
     if summary and parent_status == "RUNNING":  # the sweep ended but its parent run was never closed
-        client.log_dict(parent, summary, "summary.json")
-        client.set_terminated(parent, "FINISHED")
+        finish_parent_run(uri, parent, summary)  # as the sweep's driver would have
     return counts
 
 

@@ -189,20 +189,49 @@ def test_ctrl_c_exits_130_keeps_what_was_reported_and_marks_the_parent_killed(tm
     assert parent.info.status == "KILLED"
 
 
-def test_optuna_search_within_a_time_budget(ray_session, tmp_path):
-    """Optuna suggests the points (one method, one seed); the sweep's wall-clock budget is honoured."""
+def test_optuna_sweep_that_runs_out_of_time_ends_normally_and_says_what_never_ran(ray_session, mlflow_server, tmp_path, capsys):  # noqa: F811
+    """Optuna suggests the points (one method, one seed, one trial at a time). The time budget runs
+    out while the first trial trains (it has steps for hours): that trial stops with stop_reason
+    time_budget, the second is never suggested, and the sweep still ends as a finished one:
+    summary, budget record, MLflow parent FINISHED, child run tagged. Resuming it runs nothing and
+    says the same."""
+    budget_s = 20
     path = write_sweep(tmp_path, name="optuna",
                        methods={"lora": {"r": {"choice": [2, 4]}, "train.lr": {"loguniform": [1.0e-3, 3.0e-3]}}},
-                       tune={"num_samples": 2, "seeds": [0], "search_alg": "optuna", "time_budget_s": 600},
-                       train={"max_steps": 3, "batch_size": 8, "eval_every": 3, "checkpoint_every": 0},
-                       resources={"num_workers": 1, "cpus_per_worker": 0.9})
+                       tune={"num_samples": 2, "seeds": [0], "search_alg": "optuna", "time_budget_s": budget_s,
+                             "max_concurrent_trials": 1},
+                       train={"max_steps": 100000, "batch_size": 8, "eval_every": 2, "checkpoint_every": 0},
+                       resources={"num_workers": 1, "cpus_per_worker": 0.9},
+                       tracking={"uri": mlflow_server, "experiment": "optuna-budget"})
     spec = load_sweep(str(path))
-    results, summary = run_sweep(spec, quiet=True, track=False)
-    assert len(summary["trials"]) == 2
-    configs = [t["config"] for t in summary["trials"]]
-    assert all(c["method"]["config"]["r"] in (2, 4) and 1e-3 <= c["train"]["lr"] <= 3e-3 for c in configs)
-    assert all(t["status"] == "TERMINATED" and t["step"] == 3 for t in summary["trials"])
-    assert summary["wall_s"] < 600
+    results, summary = run_sweep(spec, quiet=True)  # no KeyboardInterrupt: the budget is an end, not an interruption
+    assert summary["ended_by"] == "time_budget" and summary["not_run"] == ["lora-seed0"], summary
+    (trial,) = summary["trials"]
+    assert trial["status"] == "TERMINATED" and trial["stop_reason"] == "time_budget", trial
+    c = trial["config"]
+    assert c["method"]["config"]["r"] in (2, 4) and 1e-3 <= c["train"]["lr"] <= 3e-3
+    assert budget_s <= summary["wall_s"] < budget_s + 90  # stopped when the budget ran out, not after its steps
+    record = json.loads((tmp_path / "runs" / "optuna" / "time_budget.json").read_text())
+    assert record["time_budget_s"] == budget_s and record["stopped"] == [trial["trial_id"].rsplit("-", 1)[-1]]
+
+    eid = experiment_id(mlflow_server, "optuna-budget")
+    (parent,) = search(mlflow_server, eid, "tags.orchestrator.kind = 'sweep'")
+    assert parent["info"]["status"] == "FINISHED" and kv(parent, "tags")["ended_by"] == "time_budget"
+    assert kv(parent, "metrics")["not_run"] == 1
+    (child,) = search(mlflow_server, eid, "tags.orchestrator.kind = 'trial'")
+    assert kv(child, "tags")["stop_reason"] == "time_budget" and kv(child, "tags")["status"] == "TERMINATED"
+    assert child["info"]["status"] == "FINISHED"
+
+    from orchestrator.cli import print_summary
+
+    assert print_summary(summary) == 0
+    out = capsys.readouterr().out
+    assert f"Ended by its time budget (tune.time_budget_s: {budget_s}): 1 running trial(s) stopped; " \
+           "1 of 2 planned trials never ran (lora-seed0)" in out
+
+    _, resumed = run_sweep(spec, resume=True, quiet=True)  # nothing left to run; the same end
+    assert resumed["ended_by"] == "time_budget" and resumed["not_run"] == ["lora-seed0"]
+    assert [(t["trial_id"], t["stop_reason"]) for t in resumed["trials"]] == [(trial["trial_id"], "time_budget")]
 
 
 def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
