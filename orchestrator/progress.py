@@ -87,3 +87,6 @@ class LiveTable(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._print(trials, force=True)
+
+    def on_experiment_end(self, trials, **info):  # the trials a time budget stopped have no hook of their own
+        self._print(trials, force=True)

@@ -63,3 +63,19 @@ def test_one_table_redrawn_in_place_on_a_terminal(monkeypatch):
     last = written.rsplit("\x1b[J", 1)[1]  # what the screen shows at the end: one table
     assert last.count("trials done") == 1 and "1/2 trials done" in last
     assert "TERMINATED" in last and "PENDING" in last and "RUNNING" not in last
+
+
+def test_a_trial_stopped_by_the_time_budget_gets_its_last_line_at_the_end(monkeypatch):
+    """The budget stops running trials without a hook per trial: the experiment's end shows them."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    live = LiveTable(Target("accuracy", 0.75, "max"), every_s=0)
+    trials = drive(live)
+    trials[1].status = "RUNNING"
+    live.on_trial_start(0, trials, trials[1])
+    live.on_trial_result(0, trials, trials[1], {"step": 5, "accuracy": 0.2})
+    trials[1].status = "TERMINATED"  # what Tune does when the budget runs out; no on_trial_complete
+    before = out.getvalue().count("\n")
+    live.on_experiment_end(trials)
+    new = out.getvalue().splitlines()[before:]
+    assert new == [ln for ln in new if ln.startswith("trial=boft-b  status=TERMINATED")] and len(new) == 1
