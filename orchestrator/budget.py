@@ -8,14 +8,16 @@ stopper and also a Tune callback: it sees which trials ended by their own decisi
 ASHA, an error), so the ones the budget stopped are known, and it writes them to
 `<storage>/<sweep>/time_budget.json` for the summary, and for a `--resume` of a sweep that ended so.
 
-The budget counts from the first step of Tune's loop in each driver run: a resumed sweep gets it
-again (as Tune does).
+The budget is the sweep's, across driver runs: a sweep resumed after Ctrl-C or a killed driver
+gets what was left of it when Tune last saved its state (Tune keeps the stopper in that state); a
+sweep its budget ended has nothing left to run.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import datetime, timezone
 
 from ray.tune import Callback
@@ -24,6 +26,9 @@ from ray.tune.stopper import TimeoutStopper
 from orchestrator import storage
 
 RECORD_FILE = "time_budget.json"
+# What the copies of one budget share in this driver process. A restored sweep holds two: Tune
+# restores its stopper from its saved experiment state and its callbacks from the saved Tuner.
+_SEEN: dict[str, dict] = {}
 
 
 def record_path(storage_path: str, sweep: str) -> str:
@@ -31,48 +36,54 @@ def record_path(storage_path: str, sweep: str) -> str:
 
 
 class TimeBudget(TimeoutStopper, Callback):
-    """Pass it both as RunConfig(stop=...) and in RunConfig(callbacks=[...]) (one object: Tune
-    pickles both into its tuner state together, so a restored sweep keeps them one object)."""
+    """Pass it both as RunConfig(stop=...) and in RunConfig(callbacks=[...])."""
 
     def __init__(self, seconds: float, record: str):
         super().__init__(seconds)
         self.record = record
-        self.spent_at: float | None = None  # when the budget ran out, in this driver run
-        self._started: set[str] = set()
-        self._decided: set[str] = set()  # ended on their own: final report, ASHA, error
+        self._key = uuid.uuid4().hex  # pickled with every copy: the copies find one _SEEN entry
+
+    @property
+    def _seen(self) -> dict:
+        return _SEEN.setdefault(self._key, {"spent_at": None, "started": set(), "decided": set()})
+
+    def setup(self, **info):  # each driver run starts afresh (a --resume in the same process too)
+        _SEEN[self._key] = {"spent_at": None, "started": set(), "decided": set()}
+
+    @property
+    def spent_at(self) -> float | None:
+        """When the budget ran out in this driver run, or None."""
+        return self._seen["spent_at"]
 
     def stop_all(self) -> bool:
         spent = super().stop_all()
-        if spent and self.spent_at is None:
-            self.spent_at = time.time()
+        if spent and self._seen["spent_at"] is None:
+            self._seen["spent_at"] = time.time()
         return spent
 
     def stopped(self, trial_id: str) -> bool:
         """Whether the budget ended this trial: it ran in this driver run and had not ended when
         the budget ran out (after that Tune makes no other decision: it stops every trial)."""
-        return self.spent_at is not None and trial_id in self._started and trial_id not in self._decided
+        seen = self._seen
+        return seen["spent_at"] is not None and trial_id in seen["started"] and trial_id not in seen["decided"]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._started.add(trial.trial_id)
+        self._seen["started"].add(trial.trial_id)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._decided.add(trial.trial_id)
+    def on_trial_complete(self, iteration, trials, trial, **info):  # a final report or ASHA
+        self._seen["decided"].add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._decided.add(trial.trial_id)
+        self._seen["decided"].add(trial.trial_id)
 
     def on_experiment_end(self, trials, **info):
-        if self.spent_at is None:
-            return
-        record = {
-            "time_budget_s": self._timeout_seconds,
-            "spent_at": datetime.fromtimestamp(self.spent_at, timezone.utc).isoformat(timespec="seconds"),
-            "stopped": sorted(t.trial_id for t in trials if self.stopped(t.trial_id)),
-        }
-        storage.write_bytes(self.record, json.dumps(record, indent=2).encode())
-
-    def __getstate__(self):  # what Tune pickles at the start of a run: a fresh budget for a resumed one
-        return {**self.__dict__, "spent_at": None, "_started": set(), "_decided": set()}
+        if self.spent_at is not None:
+            record = {
+                "time_budget_s": self._timeout_seconds,
+                "spent_at": datetime.fromtimestamp(self.spent_at, timezone.utc).isoformat(timespec="seconds"),
+                "stopped": sorted(t.trial_id for t in trials if self.stopped(t.trial_id)),
+            }
+            storage.write_bytes(self.record, json.dumps(record, indent=2).encode())
 
 
 def read(record: str) -> dict | None:

@@ -59,7 +59,7 @@ class TuneSettings:
     max_concurrent_trials: cap; null = as many as the resources allow.
     time_budget_s: wall-clock budget of the whole sweep, from the start of Tune's loop; when it
         runs out, running trials stop (stop_reason time_budget), the rest never run (the summary's
-        not_run) and the sweep ends normally. A resumed sweep gets it again. null = none.
+        not_run) and the sweep ends normally. A resumed sweep gets what was left. null = none.
     """
 
     num_samples: int = dataclasses.field(default=1, metadata={"help": "samples per method and grid point"})

@@ -341,7 +341,7 @@ def summarize(results, target: Target, ended: dict | None = None, plan: list[str
     for r in results:
         m = r.metrics or {}
         trial_id = os.path.basename(r.path or "").rsplit("-", 1)[-1]  # folders: <name>-<trial id>
-        if not m and r.error is None and trial_id not in stopped:
+        if ended and not m and r.error is None and trial_id not in stopped:
             continue  # created, never started: the budget ran out first
         trials.append({
             "trial_id": m.get("trial_id") or os.path.basename(r.path or ""),

@@ -3,6 +3,7 @@ BBC News; a failing trial, ASHA stops, Ctrl-C and --resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,8 +50,6 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
 
 
 def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_session, mlflow_server, tmp_path):  # noqa: F811
-    import dataclasses
-
     spec = load_sweep(str(write_sweep(tmp_path)))
     spec = dataclasses.replace(spec, tracking=TrackingSettings(uri=mlflow_server, experiment="e2e-sweep"))
     results, summary = run_sweep(spec, quiet=True)
@@ -189,32 +188,74 @@ def test_ctrl_c_exits_130_keeps_what_was_reported_and_marks_the_parent_killed(tm
     assert parent.info.status == "KILLED"
 
 
-def test_optuna_sweep_that_runs_out_of_time_ends_normally_and_says_what_never_ran(ray_session, mlflow_server, tmp_path, capsys):  # noqa: F811
-    """Optuna suggests the points (one method, one seed, one trial at a time). The time budget runs
-    out while the first trial trains (it has steps for hours): that trial stops with stop_reason
-    time_budget, the second is never suggested, and the sweep still ends as a finished one:
-    summary, budget record, MLflow parent FINISHED, child run tagged. Resuming it runs nothing and
-    says the same."""
-    budget_s = 20
-    path = write_sweep(tmp_path, name="optuna",
+def _budget_sweep(tmp_path: Path, name: str, budget_s: float) -> Path:
+    """Optuna's points (one method, one seed, one trial at a time), a first trial with steps for hours."""
+    return write_sweep(tmp_path, name=name,
                        methods={"lora": {"r": {"choice": [2, 4]}, "train.lr": {"loguniform": [1.0e-3, 3.0e-3]}}},
                        tune={"num_samples": 2, "seeds": [0], "search_alg": "optuna", "time_budget_s": budget_s,
                              "max_concurrent_trials": 1},
                        train={"max_steps": 100000, "batch_size": 8, "eval_every": 2, "checkpoint_every": 0},
-                       resources={"num_workers": 1, "cpus_per_worker": 0.9},
-                       tracking={"uri": mlflow_server, "experiment": "optuna-budget"})
-    spec = load_sweep(str(path))
-    results, summary = run_sweep(spec, quiet=True)  # no KeyboardInterrupt: the budget is an end, not an interruption
+                       resources={"num_workers": 1, "cpus_per_worker": 0.9})
+
+
+def _ended(spec, **kwargs):
+    """run_sweep, where a KeyboardInterrupt (an end taken for an interruption) fails the test, not the session."""
+    try:
+        return run_sweep(spec, quiet=True, **kwargs)
+    except KeyboardInterrupt:
+        pytest.fail("the sweep ended as an interrupted one")
+
+
+def test_a_sweep_that_runs_out_of_time_ends_normally_and_says_what_never_ran(ray_session, mlflow_server, tmp_path, capsys):  # noqa: F811
+    """The time budget runs out while Optuna's first trial trains: that trial stops with stop_reason
+    time_budget, the second is never suggested, and the sweep ends as a finished one (summary, budget
+    record, exit status 0), not as an interrupted one. Then the same budget across a Ctrl-C: the
+    resumed sweep gets what was left of it, runs out while the trial trains again, and says so in
+    MLflow too; resuming it once more runs nothing and says the same."""
+    import threading
+
+    from orchestrator.cli import print_summary
+
+    # A new sweep: Tune's stopper and the budget's callback are one object.
+    spec = load_sweep(str(_budget_sweep(tmp_path, "ended", 12)))
+    _, summary = _ended(spec, track=False)
     assert summary["ended_by"] == "time_budget" and summary["not_run"] == ["lora-seed0"], summary
     (trial,) = summary["trials"]
     assert trial["status"] == "TERMINATED" and trial["stop_reason"] == "time_budget", trial
     c = trial["config"]
     assert c["method"]["config"]["r"] in (2, 4) and 1e-3 <= c["train"]["lr"] <= 3e-3
-    assert budget_s <= summary["wall_s"] < budget_s + 90  # stopped when the budget ran out, not after its steps
-    record = json.loads((tmp_path / "runs" / "optuna" / "time_budget.json").read_text())
-    assert record["time_budget_s"] == budget_s and record["stopped"] == [trial["trial_id"].rsplit("-", 1)[-1]]
+    assert 12 <= summary["wall_s"] < 12 + 90  # stopped when the budget ran out, not after its steps
+    record = json.loads((tmp_path / "runs" / "ended" / "time_budget.json").read_text())
+    assert record["time_budget_s"] == 12 and record["stopped"] == [trial["trial_id"].rsplit("-", 1)[-1]]
+    assert print_summary(summary) == 0
+    assert "Ended by its time budget (tune.time_budget_s: 12): 1 running trial(s) stopped; " \
+           "1 of 2 planned trials never ran (lora-seed0)" in capsys.readouterr().out
 
-    eid = experiment_id(mlflow_server, "optuna-budget")
+    # Ctrl-C (Tune's handler takes SIGINT in the main thread) once Tune's loop has spent ~15 s of 30.
+    budget_s, sweep_dir = 30, tmp_path / "runs" / "resumed"
+    spec = dataclasses.replace(load_sweep(str(_budget_sweep(tmp_path, "resumed", budget_s))),
+                               tracking=TrackingSettings(uri=mlflow_server, experiment="budget-resumed"))
+    started = time.time()
+
+    def interrupt():
+        while time.time() < started + 18 or not list(sweep_dir.glob("lora-seed0-*")):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, quiet=True)
+    assert not (sweep_dir / "time_budget.json").exists() and not (sweep_dir / "summary.json").exists()
+    # Restored, Tune's stopper and the budget's callback are two copies (from its experiment state
+    # and from the saved Tuner): they still agree on what the budget stopped.
+    _, summary = _ended(spec, resume=True)
+    assert summary["ended_by"] == "time_budget" and summary["not_run"] == ["lora-seed0"], summary
+    (trial,) = summary["trials"]
+    assert trial["stop_reason"] == "time_budget", trial
+    assert summary["wall_s"] < budget_s, summary["wall_s"]  # what was left of the budget, not a new one
+    record = json.loads((sweep_dir / "time_budget.json").read_text())
+    assert record["stopped"] == [trial["trial_id"].rsplit("-", 1)[-1]]
+    eid = experiment_id(mlflow_server, "budget-resumed")
     (parent,) = search(mlflow_server, eid, "tags.orchestrator.kind = 'sweep'")
     assert parent["info"]["status"] == "FINISHED" and kv(parent, "tags")["ended_by"] == "time_budget"
     assert kv(parent, "metrics")["not_run"] == 1
@@ -222,16 +263,9 @@ def test_optuna_sweep_that_runs_out_of_time_ends_normally_and_says_what_never_ra
     assert kv(child, "tags")["stop_reason"] == "time_budget" and kv(child, "tags")["status"] == "TERMINATED"
     assert child["info"]["status"] == "FINISHED"
 
-    from orchestrator.cli import print_summary
-
-    assert print_summary(summary) == 0
-    out = capsys.readouterr().out
-    assert f"Ended by its time budget (tune.time_budget_s: {budget_s}): 1 running trial(s) stopped; " \
-           "1 of 2 planned trials never ran (lora-seed0)" in out
-
-    _, resumed = run_sweep(spec, resume=True, quiet=True)  # nothing left to run; the same end
-    assert resumed["ended_by"] == "time_budget" and resumed["not_run"] == ["lora-seed0"]
-    assert [(t["trial_id"], t["stop_reason"]) for t in resumed["trials"]] == [(trial["trial_id"], "time_budget")]
+    _, again = _ended(spec, resume=True)  # nothing left to run; the same end
+    assert again["ended_by"] == "time_budget" and again["not_run"] == ["lora-seed0"]
+    assert [(t["trial_id"], t["stop_reason"]) for t in again["trials"]] == [(trial["trial_id"], "time_budget")]
 
 
 def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
