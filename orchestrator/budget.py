@@ -6,7 +6,8 @@ their own (Tune calls no `on_trial_complete` for them), the planned ones it neve
 simply missing, and a driver cannot tell that end from an interrupted one. `TimeBudget` is the same
 stopper and also a Tune callback: it sees which trials ended by their own decision (a final report,
 ASHA, an error), so the ones the budget stopped are known, and it writes them to
-`<storage>/<sweep>/time_budget.json` for the summary, and for a `--resume` of a sweep that ended so.
+`<storage>/<sweep>/time_budget.json` (in the step it ran out in) for the summary, and for a
+`--resume` of a sweep that ended so.
 
 The budget is the sweep's, across driver runs: a sweep resumed after Ctrl-C or a killed driver
 gets what was left of it when Tune last saved its state (Tune keeps the stopper in that state); a
@@ -76,14 +77,19 @@ class TimeBudget(TimeoutStopper, Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._seen["decided"].add(trial.trial_id)
 
-    def on_experiment_end(self, trials, **info):
-        if self.spent_at is not None:
+    def on_step_end(self, iteration, trials, **info):
+        # In the step the budget ran out in, right after Tune stopped every trial: written before
+        # Tune's last save of its state and the trials' clean-up (seconds), so a driver killed
+        # after that save does not leave a sweep that looks interrupted and has nothing to resume.
+        seen = self._seen
+        if seen["spent_at"] is not None and not seen.get("written"):
             record = {
                 "time_budget_s": self._timeout_seconds,
-                "spent_at": datetime.fromtimestamp(self.spent_at, timezone.utc).isoformat(timespec="seconds"),
+                "spent_at": datetime.fromtimestamp(seen["spent_at"], timezone.utc).isoformat(timespec="seconds"),
                 "stopped": sorted(t.trial_id for t in trials if self.stopped(t.trial_id)),
             }
             storage.write_bytes(self.record, json.dumps(record, indent=2).encode())
+            seen["written"] = True
 
 
 def read(record: str) -> dict | None:
