@@ -129,6 +129,16 @@ def contention_note(groups: dict[str, dict]) -> str | None:
             f"trials on their node ({shown}); rerun with one trial at a time (tune.max_concurrent_trials: 1)")
 
 
+def budget_note(parent) -> str | None:
+    """A warning when the sweep's time budget ended it before every planned trial ran: a method or
+    configuration missing from the comparison may only have been waiting for its turn."""
+    if parent.data.tags.get("ended_by") != "time_budget":
+        return None
+    n = int(parent.data.metrics.get("not_run", 0))
+    return (f"note: the sweep ended by its time budget (tune.time_budget_s); {n} planned trial(s) never ran "
+            f"(named in the sweep's summary.json, not_run), so this compares only what ran")
+
+
 def compare(uri: str, experiment: str, parent_run_id: str | None = None, target_value: float | None = None) -> dict[str, Any]:
     """Per method: the best configuration, time-to-quality over seeds, memory, quality, size and
     ratios to full fine-tuning; plus every trial, the curves and the hybrid's gate history.
@@ -172,7 +182,7 @@ def compare(uri: str, experiment: str, parent_run_id: str | None = None, target_
     return {"experiment": experiment, "parent_run_id": parent.info.run_id, "target": target,
             "retargeted": bool(notes), "trials": trials,
             "groups": rows, "methods": methods, "ranking": ranking, "curves": curves, "layers": layers,
-            "notes": notes + [n for n in (contention_note(methods),) if n]}
+            "notes": notes + [n for n in (contention_note(methods), budget_note(parent)) if n]}
 
 
 def _ratio(x: float | None, full: float | None) -> float | None:

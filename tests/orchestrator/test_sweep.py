@@ -262,6 +262,8 @@ def test_a_sweep_that_runs_out_of_time_ends_normally_and_says_what_never_ran(ray
     (child,) = search(mlflow_server, eid, "tags.orchestrator.kind = 'trial'")
     assert kv(child, "tags")["stop_reason"] == "time_budget" and kv(child, "tags")["status"] == "TERMINATED"
     assert child["info"]["status"] == "FINISHED"
+    report = json.loads((sweep_dir / "report" / "compare.json").read_text())  # the comparison says it is partial
+    assert any("ended by its time budget" in n and "1 planned trial(s) never ran" in n for n in report["notes"]), report["notes"]
 
     _, again = _ended(spec, resume=True)  # nothing left to run; the same end
     assert again["ended_by"] == "time_budget" and again["not_run"] == ["lora-seed0"]
