@@ -54,7 +54,8 @@ class TuneSettings:
     num_samples: samples per method (per grid point) from its space.
     seeds: every sampled configuration runs once per seed (the paper runs three).
     scheduler: fifo (run all to the end) | asha (stop weak trials early, in evaluation reports).
-    grace_period, reduction_factor: ASHA's, in evaluation reports.
+    grace_period, reduction_factor: ASHA's, in evaluation reports (an error with fifo; grace_period
+        must be below the reports of the longest trial, or ASHA would stop nothing).
     search_alg: random | grid (only grid entries; each once per seed) | optuna (one method per file).
     max_concurrent_trials: cap; null = as many as the resources allow.
     time_budget_s: wall-clock budget of the whole sweep, from the start of Tune's loop; when it
@@ -265,6 +266,12 @@ def parse_sweep(raw: Any, errors: list[str], path: str = "", validate_data: bool
         except (ConfigError, ValueError) as e:
             errors.append(str(e))
     built_methods = _parse_methods(raw.get("methods"), errors)
+    tune = raw.get("tune")
+    if "tune" in built and built["tune"].scheduler == "fifo" and isinstance(tune, dict):
+        for key in ("grace_period", "reduction_factor"):
+            if key in tune:  # an option is honoured or rejected: fifo has no rungs to apply it to
+                errors.append(f"tune.{key}: ASHA's setting, but tune.scheduler is fifo, which would ignore it; "
+                              f"set scheduler: asha or remove {key}")
     if errors:
         return None
     spec = SweepSpec(path=path, methods=built_methods, **built)
@@ -356,11 +363,13 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
                     errors.append(f"methods.{method}.{key}: search_alg=grid takes grid entries or fixed values only")
     checked_data = False
     fitted: set[str] = set()  # method configs already built against the model (train.* corners share one)
+    reports = 0  # the most evaluation reports any trial makes (ASHA's max_t; corners hold the extremes)
     for method, entries in spec.methods.items():
         for corner in space.corners(entries):
             values = ", ".join(f"{k}={v}" for k, v in corner.items()) or "defaults"
             try:
                 cfg = spec.trial(method, corner, spec.tune.seeds[0])
+                reports = max(reports, -(-cfg.train.max_steps // cfg.train.eval_every))
                 key = repr(cfg.method)
                 if validate_data and not checked_data:
                     validate_trial(cfg, where=f"methods.{method} ({values})")  # data, target and this corner's fit
@@ -375,3 +384,8 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
                 if msg not in errors:
                     errors.append(msg)
                 break
+    t = spec.tune
+    if t.scheduler == "asha" and reports and t.grace_period >= reports:
+        errors.append(f"tune.grace_period={t.grace_period}: trials report at most {reports} time(s) "
+                      "(train.max_steps / train.eval_every), so ASHA would stop no trial early; "
+                      "lower grace_period, evaluate more often, or use scheduler: fifo")

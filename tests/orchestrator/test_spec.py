@@ -90,6 +90,11 @@ def test_plan_is_deterministic_and_per_method(tmp_path):
          r"tune\.num_samples=4: search_alg=grid runs each grid point once per seed"),
         ({"methods": {"lora": {"r": {"grid": [4, 8]}}}, "tune": {"search_alg": "optuna", "seeds": [0]}},
          r"methods\.lora\.r: search_alg=optuna samples its space and has no grid"),
+        # ASHA's settings with fifo, or a grace period no trial reaches: rejected, not ignored
+        ({"tune": {"scheduler": "fifo", "reduction_factor": 3}},
+         r"line \d+: tune\.reduction_factor: ASHA's setting, but tune\.scheduler is fifo, which would ignore it"),
+        ({"tune": {"scheduler": "asha", "grace_period": 4}, "train": {"max_steps": 30, "eval_every": 10}},
+         r"tune\.grace_period=4: trials report at most 3 time\(s\) .* ASHA would stop no trial early"),
     ],
 )
 def test_errors_name_file_line_key_and_expectation(tmp_path, patch, message):
