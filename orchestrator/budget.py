@@ -46,10 +46,10 @@ class TimeBudget(TimeoutStopper, Callback):
 
     @property
     def _seen(self) -> dict:
-        return _SEEN.setdefault(self._key, {"spent_at": None, "started": set(), "decided": set()})
+        return _SEEN.setdefault(self._key, {"spent_at": None, "started": set(), "decided": set(), "written": False})
 
     def setup(self, **info):  # each driver run starts afresh (a --resume in the same process too)
-        _SEEN[self._key] = {"spent_at": None, "started": set(), "decided": set()}
+        _SEEN.pop(self._key, None)
 
     @property
     def spent_at(self) -> float | None:
@@ -82,7 +82,7 @@ class TimeBudget(TimeoutStopper, Callback):
         # Tune's last save of its state and the trials' clean-up (seconds), so a driver killed
         # after that save does not leave a sweep that looks interrupted and has nothing to resume.
         seen = self._seen
-        if seen["spent_at"] is not None and not seen.get("written"):
+        if seen["spent_at"] is not None and not seen["written"]:
             record = {
                 "time_budget_s": self._timeout_seconds,
                 "spent_at": datetime.fromtimestamp(seen["spent_at"], timezone.utc).isoformat(timespec="seconds"),

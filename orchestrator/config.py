@@ -98,6 +98,12 @@ class TrainConfig:
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
         check(isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s >= 0, "stall_timeout_s",
               self.stall_timeout_s, "must be >= 0 seconds (0 = off)")
+
+    @property
+    def reports(self) -> int:
+        """Evaluation reports a trial makes at most (Tune's iterations, ASHA's unit): one every
+        eval_every steps and one at the last step."""
+        return -(-self.max_steps // self.eval_every)
         check_choice("lr_schedule", self.lr_schedule, LrSchedule)
 
 

@@ -369,7 +369,7 @@ def _check_plan(spec: SweepSpec, errors: list[str], validate_data: bool) -> None
             values = ", ".join(f"{k}={v}" for k, v in corner.items()) or "defaults"
             try:
                 cfg = spec.trial(method, corner, spec.tune.seeds[0])
-                reports = max(reports, -(-cfg.train.max_steps // cfg.train.eval_every))
+                reports = max(reports, cfg.train.reports)
                 key = repr(cfg.method)
                 if validate_data and not checked_data:
                     validate_trial(cfg, where=f"methods.{method} ({values})")  # data, target and this corner's fit

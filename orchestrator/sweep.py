@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -111,7 +110,7 @@ def planned_names(spec: SweepSpec) -> list[str]:
 def max_reports(spec: SweepSpec) -> int:
     """Reports (Tune's iterations) of the longest trial, ASHA's max_t: a method's own
     train.max_steps / eval_every count, not only the file's."""
-    return max(max(1, math.ceil(c.train.max_steps / c.train.eval_every)) for c in trial_configs(spec))
+    return max(c.train.reports for c in trial_configs(spec))
 
 
 def storage_path(spec: SweepSpec) -> str:
