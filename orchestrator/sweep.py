@@ -110,7 +110,13 @@ def planned_names(spec: SweepSpec) -> list[str]:
 def max_reports(spec: SweepSpec) -> int:
     """Reports (Tune's iterations) of the longest trial, ASHA's max_t: a method's own
     train.max_steps / eval_every count, not only the file's."""
-    return max(c.train.reports for c in trial_configs(spec))
+    configs = trial_configs(spec)
+    if spec.tune.search_alg == "optuna":  # its points come later: the space's corners bound them
+        from orchestrator import space
+
+        (method, entries), = spec.methods.items()
+        configs = [spec.trial(method, corner, spec.tune.seeds[0]) for corner in space.corners(entries)]
+    return max(c.train.reports for c in configs)
 
 
 def storage_path(spec: SweepSpec) -> str:

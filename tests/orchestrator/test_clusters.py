@@ -221,6 +221,10 @@ def test_a_methods_own_budget_drives_the_cost_and_ashas_max_t():
     assert est.gpu_hours == pytest.approx((10000 + others * spec.train.max_steps) / 3600)  # not 3 x 60 steps
     assert est.hours_per_trial == pytest.approx(10000 / 3600)
     assert max_reports(spec) == 10000 // spec.train.eval_every  # ASHA's max_t: the longest trial's reports
+    # Optuna's points come later: a sampled budget counts at its largest (ASHA would stop a trial at max_t)
+    optuna = dataclasses.replace(spec, methods={"lora": {"train.max_steps": {"choice": [100, 10000]}}},
+                                 tune=dataclasses.replace(spec.tune, search_alg="optuna", seeds=(0,)))
+    assert max_reports(optuna) == 10000 // spec.train.eval_every
 
 
 # ----------------------------------------------------------------------------- KubeRay
