@@ -99,6 +99,16 @@ def _results(sweep_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _saved_statuses(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> status in the experiment state Tune last saved ({} while none, or mid-write)."""
+    try:
+        (state,) = sweep_dir.glob("experiment_state-*.json")
+        trials = json.loads(state.read_text())["trial_data"]
+        return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _ in trials)}
+    except (ValueError, KeyError, OSError):
+        return {}
+
+
 def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     """The sweep driver and its local Ray SIGKILLed mid-sweep (a lost head node), then --resume: the
     finished trial is kept and not rerun, MLflow has one child run per trial, and the first
@@ -117,12 +127,10 @@ def test_driver_killed_then_resume_keeps_every_result_once(tmp_path):
     deadline = time.time() + 600
     finished: dict[str, int] = {}
     while time.time() < deadline and proc.poll() is None:
-        results = _results(sweep_dir)
-        finished = {k: len(v) for k, v in results.items() if v and v[-1].get("done")}
-        states = list(sweep_dir.glob("experiment_state-*.json"))
-        done_at = max((os.path.getmtime(sweep_dir / k / "result.json") for k in finished), default=None)
-        # One at a time: Tune moved on to the next trial, and saved its state after the first finished.
-        if finished and len(results) > len(finished) and states and os.path.getmtime(states[0]) > done_at:
+        finished = {k: len(v) for k, v in _results(sweep_dir).items() if v and v[-1].get("done")}
+        # One at a time: the state Tune saved has the first trial ended and the second one running.
+        # (Its content, not file times: every save copies the trials' files again, after the state.)
+        if finished and sorted(_saved_statuses(sweep_dir).values()) == ["RUNNING", "TERMINATED"]:
             break
         time.sleep(0.5)
     assert finished and proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
