@@ -62,13 +62,13 @@ def _import_muon_compiling_on_first_call() -> None:
         return
     from deepspeed.runtime import compiler
 
-    eager, compiler.compile = compiler.compile, _compile_on_first_call
+    at_import, compiler.compile = compiler.compile, _compile_on_first_call
     try:
         importlib.import_module(MUON_KERNELS)
     except ImportError:  # a DeepSpeed without Muon (or with it elsewhere): nothing to defer
         pass
     finally:
-        compiler.compile = eager
+        compiler.compile = at_import
 
 
 def resolve_precision(precision: str) -> str:
