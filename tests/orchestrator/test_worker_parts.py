@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -87,39 +88,32 @@ def test_trial_config_round_trips_and_pickles():
     assert pickle.loads(pickle.dumps(c)) == c
 
 
-_ENGINES = """
-import sys, torch, torch.distributed as dist
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
-from orchestrator.deepspeed_config import MUON_KERNELS, import_deepspeed
-from orchestrator.worker import build_engine
-from orchestrator.config import TrialConfig
-import_deepspeed()
-for stage in (2, 3):
-    cfg = TrialConfig.from_dict({"data": {"name": "bbc_news"}, "train": {"batch_size": 4},
-                                 "deepspeed": {"zero_stage": stage}, "resources": {"num_workers": 1}})
-    engine = build_engine(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)), cfg)
-    engine.backward(engine(torch.randn(4, 8)).sum())
-    engine.step()
-print(sorted(m for m in ("mlflow", MUON_KERNELS, "torch._inductor.compile_fx") if m in sys.modules))
-"""
+def _engines_worker(rank: int, world: int) -> None:
+    import sys
+
+    import torch
+
+    from orchestrator.deepspeed_config import MUON_KERNELS, import_deepspeed
+    from orchestrator.worker import build_engine
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    import_deepspeed()
+    for stage in (2, 3):
+        c = cfg(train={"batch_size": 4}, deepspeed={"zero_stage": stage}, resources={"num_workers": world})
+        engine = build_engine(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)), c)
+        engine.backward(engine(torch.randn(4, 8)).sum())
+        engine.step()
+    imported = sorted(m for m in ("mlflow", MUON_KERNELS, "torch._inductor.compile_fx") if m in sys.modules)
+    assert imported == [MUON_KERNELS], imported
 
 
 def test_a_workers_deepspeed_imports_neither_mlflow_nor_inductor():
     """A fresh worker's DeepSpeed import, then ZeRO-2 and ZeRO-3 engines and a step each: DeepSpeed's
     Muon module was imported (every ZeRO engine does), but neither MLflow (its autotuner's) nor
     TorchInductor (Muon's `torch.compile` at import): both cost seconds per worker per trial."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from tests.conftest import run_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-c", _ENGINES % port], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-1] == "['deepspeed.runtime.zero.muon.original_muon']", done.stdout[-2000:]
+    run_ranks(_engines_worker, world=1, deadline_s=120)  # a spawned process: a fresh interpreter
 
 
 def test_muons_kernels_are_compiled_on_their_first_call(monkeypatch):
@@ -140,6 +134,7 @@ def test_muons_kernels_are_compiled_on_their_first_call(monkeypatch):
     assert calls == [] and deferred.__wrapped__ is kernel
     x = torch.randn(4, 3)
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # reset() keeps the counters
     assert torch.equal(deferred(x), kernel(x)) and torch.equal(deferred(x), kernel(x))
     assert calls == [kernel]  # compiled once, on the first call
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo traced it
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # dynamo traced it, once
