@@ -342,17 +342,22 @@ def summarize(results, target: Target, ended: dict | None = None, plan: list[str
     from orchestrator import report
 
     stopped = set((ended or {}).get("stopped", ()))
+    # Tune's Result takes its config from the trial's last report; a trial with none (the budget
+    # stopped it first), read back from storage by a --resume, has no config there: Tune's trial has.
+    configs = {t.trial_id: t.config for t in results._experiment_analysis.trials}
     trials = []
     for r in results:
         m = r.metrics or {}
         trial_id = os.path.basename(r.path or "").rsplit("-", 1)[-1]  # folders: <name>-<trial id>
-        if ended and not m and r.error is None and trial_id not in stopped:
+        # Every report of a trial has its step; without one, Tune fills in only its own keys.
+        if ended and "step" not in m and r.error is None and trial_id not in stopped:
             continue  # created, never started: the budget ran out first
+        run = (r.config or configs[trial_id])["run"]
         trials.append({
-            "trial_id": m.get("trial_id") or os.path.basename(r.path or ""),
-            "name": r.config["run"]["name"] or trial_name(r.config["run"]["trial"]),  # Optuna's: by method, seed
-            "method": r.config["run"]["trial"]["method"]["name"],
-            "config": r.config["run"]["trial"],
+            "trial_id": m.get("trial_id") or trial_id,
+            "name": run["name"] or trial_name(run["trial"]),  # Optuna's: by method, seed
+            "method": run["trial"]["method"]["name"],
+            "config": run["trial"],
             "status": "ERROR" if r.error is not None else "TERMINATED", "stop_reason": stop_reason(r, trial_id in stopped),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
             "metric": m.get(target.metric), **{k: m.get(k) for k in report.SUMMARY},

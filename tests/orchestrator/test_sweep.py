@@ -278,6 +278,47 @@ def test_a_sweep_that_runs_out_of_time_ends_normally_and_says_what_never_ran(ray
     assert [(t["trial_id"], t["stop_reason"]) for t in again["trials"]] == [(trial["trial_id"], "time_budget")]
 
 
+def _sleeps_before_its_first_report(config):
+    time.sleep(120)
+    from ray import tune
+
+    tune.report({"step": 1})
+
+
+def test_trials_the_budget_ended_before_any_report_are_summarized_live_and_restored(ray_session, tmp_path):
+    """The budget runs out before the first trial's first report, and the second never starts. Both
+    in the summary's terms (stopped by the budget; never ran) as the sweep ends, and again from
+    storage, as a --resume with nothing left to run reads it: there Tune's Result of the stopped
+    trial has no config (Tune takes it from the trial's last report), only Tune's trial has."""
+    from ray import tune
+
+    from orchestrator import budget
+    from orchestrator.config import Target
+    from orchestrator.sweep import summarize
+
+    record = str(tmp_path / "time_budget.json")
+    stopper = budget.TimeBudget(8, record)  # long enough for the first trial to start
+    trial = {"method": {"name": "lora"}}
+    live = tune.Tuner(
+        _sleeps_before_its_first_report,
+        param_space={"run": {"name": tune.grid_search(["lora-seed0", "lora-seed1"]), "trial": trial}},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1,  # the sweep's folders: <name>-<trial id>
+                                    trial_dirname_creator=lambda t: f"{t.config['run']['name']}-{t.trial_id}"),
+        run_config=tune.RunConfig(name="b", storage_path=str(tmp_path), stop=stopper, callbacks=[stopper], verbose=0),
+    ).fit()
+    ended = budget.read(record)
+    assert ended is not None and len(ended["stopped"]) == 1, ended
+    restored = tune.ResultGrid(tune.ExperimentAnalysis(str(tmp_path / "b")))
+    assert [r.config for r in restored if r.path.endswith(ended["stopped"][0])] == [None]
+    target = Target("eval_loss", "min", 0.01)
+    for results in (live, restored):
+        summary = summarize(results, target, ended, plan=["lora-seed0", "lora-seed1"])
+        (only,) = summary["trials"]
+        assert only["trial_id"] == ended["stopped"][0] and only["stop_reason"] == "time_budget", summary
+        assert only["name"] == "lora-seed0" and only["config"] == trial and only["metric"] is None
+        assert summary["not_run"] == ["lora-seed1"] and summary["best"] == {}
+
+
 def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
     from orchestrator.sweep import write_summary
 
