@@ -47,13 +47,9 @@ def _model_cache(tmp_path_factory):
     """A fresh model cache for the session, set before Ray starts (its workers inherit it): the
     packaged SmolLM2 is converted from its GGUF once per session (~15 s), by whichever test needs
     it first, and then found by the others, never taken from an earlier session's cache."""
-    previous = os.environ.get("PEFT_ORCHESTRATOR_CACHE")
-    os.environ["PEFT_ORCHESTRATOR_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("PEFT_ORCHESTRATOR_CACHE")
-    else:
-        os.environ["PEFT_ORCHESTRATOR_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as mp:  # restores the variable (or its absence) at the end
+        mp.setenv("PEFT_ORCHESTRATOR_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

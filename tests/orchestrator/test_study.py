@@ -52,7 +52,7 @@ def test_study_file_smoke_test_runs_its_methods_on_its_model_and_task(path, ray_
     assert sorted(t["method"] for t in plan) == sorted(METHODS)  # every method once, its first seed, 2 steps
     assert {t["seed"] for t in plan} == {spec.tune.seeds[0]} and {t["trial"]["train"]["max_steps"] for t in plan} == {2}
     run = SMOKE_RUN[os.path.basename(path)]
-    # Untracked: the MLflow store and report of a sweep are the sweep tests' concern, ~5 s a file here.
+    # Untracked: a sweep's MLflow store and report are the sweep tests' concern, not this one's.
     _, summary = run_sweep(dataclasses.replace(small, methods={m: small.methods[m] for m in run}), quiet=True,
                            track=False)
     trials = {t["method"]: t for t in summary["trials"]}
