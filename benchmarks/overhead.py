@@ -55,19 +55,22 @@ def plain_loop() -> None:
 
     t_import = time.time()
     torch.set_num_threads(2)
-    import methods
-    from orchestrator.config import TrialConfig
-    from orchestrator.tasks import get_task
-    from orchestrator.worker import head_modules, load_model, lr_factor, shard_batches
+    from orchestrator import startup
 
-    cfg = TrialConfig.from_dict({"data": DATA, "method": {"name": "hybrid", "config": METHOD}, "train": TRAIN,
-                                 "target": {"metric": "accuracy", "value": 0.85},
-                                 "resources": {"num_workers": 1}})  # one process: the whole batch
-    task = get_task(cfg.data.name)
-    torch.manual_seed(cfg.train.seed)
-    tokenizer, model = load_model(cfg, task)
-    train, evals = task.load(cfg.data)
-    random.Random(cfg.train.seed).shuffle(train)
+    with startup.paused_gc():  # as a trial's workers set up (orchestrator.worker)
+        import methods
+        from orchestrator.config import TrialConfig
+        from orchestrator.tasks import get_task
+        from orchestrator.worker import head_modules, load_model, lr_factor, shard_batches
+
+        cfg = TrialConfig.from_dict({"data": DATA, "method": {"name": "hybrid", "config": METHOD}, "train": TRAIN,
+                                     "target": {"metric": "accuracy", "value": 0.85},
+                                     "resources": {"num_workers": 1}})  # one process: the whole batch
+        task = get_task(cfg.data.name)
+        torch.manual_seed(cfg.train.seed)
+        tokenizer, model = load_model(cfg, task)
+        train, evals = task.load(cfg.data)
+        random.Random(cfg.train.seed).shuffle(train)
     t_loaded = time.time()
 
     def collate(examples):

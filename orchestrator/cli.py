@@ -15,6 +15,7 @@ import os
 import sys
 
 from methods.config import ConfigError
+from orchestrator import startup
 
 
 def _load(path: str):
@@ -144,8 +145,11 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print_plan(spec)
         return 0
-    from orchestrator import tracking
-    from orchestrator.sweep import run_sweep
+    with startup.paused_gc():  # the driver's imports (torch, Ray Tune and Train, MLflow): orchestrator.startup
+        import ray.train.torch  # noqa: F401  (run_sweep imports these as it needs them)
+        import ray.tune  # noqa: F401
+        from orchestrator import tracking
+        from orchestrator.sweep import run_sweep
 
     tracking.check_tracking_uri(tracking.tracking_uri(spec))  # an unreachable server: now, not in an hour
     if args.cluster:

@@ -34,7 +34,7 @@ import torch
 
 import methods
 from methods import collectives
-from orchestrator import cores, memory, report, stall
+from orchestrator import cores, memory, report, stall, startup
 from orchestrator.config import Target, TrialConfig
 from orchestrator.deepspeed_config import build_deepspeed_config, generated_optimizer, import_deepspeed, resolve_precision
 from orchestrator.tasks import get_task
@@ -206,7 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    import_deepspeed()
+    with startup.paused_gc():  # setup's imports and loads: see orchestrator.startup
+        import_deepspeed()
     from deepspeed.utils import safe_get_full_grad
 
     started = time.time()
@@ -233,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the trial's peak, not the process's history
     rss_base = memory.rss_mb()
-    with clock("setup_s"):
+    with clock("setup_s"), startup.paused_gc():
         task = get_task(cfg.data.name)
         torch.manual_seed(cfg.train.seed)
         tokenizer, model = load_model(cfg, task)
@@ -270,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_nodes = len(set(collectives.all_gather_object(ray.get_runtime_context().get_node_id())))
 
     # ---- DeepSpeed engine (setup: any op it builds is a cost of the machine, not of the method)
-    with clock("setup_s"):
+    with clock("setup_s"), startup.paused_gc():
         engine = build_engine(model, cfg)
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
