@@ -16,7 +16,9 @@ same steps whatever its seed:
           function does nothing, `fit()`s in one process after Ray started (median), with the
           environment `orchestrate sweep` gives a local Ray, alternating with the same empty run of
           the trials' trainer (`trial._trainer_class`: no Ray Data actor).
-Each plain loop runs twice (the mean is used). The per-part breakdown comes from the sweep's
+Each plain loop runs twice (the mean is used), alternating with a plain loop whose setup runs
+with Python's cyclic GC on (`--plain --gc-on`): what pausing it (`orchestrator.startup`, as the
+trials' workers and the sweep driver do) is worth to one process's imports and loads. The per-part breakdown comes from the sweep's
 `summary.json` (`driver`: the driver's timeline) and the trials' reports (`worker_start_s`,
 `setup_s`, method init, steps, evaluations, checkpoints). The fixed cost of a trial is the
 marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5, minus the plain loop.
@@ -47,8 +49,9 @@ FLOOR_PAIRS = 4  # empty fit()s of each kind, alternating, after one warm-up
 TRIAL_PARTS = ("worker_start_s", "setup_s", "method_init_s", "train_s", "eval_s", "checkpoint_s")
 
 
-def plain_loop() -> None:
+def plain_loop(pause_gc: bool = True) -> None:
     """The trial's work in one process, no orchestration; prints its timeline as JSON."""
+    import contextlib
     import random
 
     import torch
@@ -57,7 +60,7 @@ def plain_loop() -> None:
     torch.set_num_threads(2)
     from orchestrator import startup
 
-    with startup.paused_gc():  # as a trial's workers set up (orchestrator.worker)
+    with startup.paused_gc() if pause_gc else contextlib.nullcontext():  # as a trial's workers set up
         import methods
         from orchestrator.config import TrialConfig
         from orchestrator.tasks import get_task
@@ -174,11 +177,13 @@ def main() -> None:
     args = p.parse_args()
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     tmp = tempfile.mkdtemp(prefix="overhead-")
-    plains = []
+    plains, gc_on = [], []
     for _ in range(2):
-        wall, out = timed([sys.executable, __file__, "--plain"], env)
-        plains.append({"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
-        print(f"plain loop: {wall:.1f} s ({fmt_parts({k: v for k, v in plains[-1].items() if k.endswith('_s')})})", flush=True)
+        for runs, flags in ((gc_on, ["--gc-on"]), (plains, [])):
+            wall, out = timed([sys.executable, __file__, "--plain", *flags], env)
+            runs.append({"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
+            print(f"plain loop {' '.join(flags)}: {wall:.1f} s "
+                  f"({fmt_parts({k: v for k, v in runs[-1].items() if k.endswith('_s')})})", flush=True)
     plain = statistics.mean(p["wall_s"] for p in plains)
     one = sweep(tmp, "overhead1", 1, env)
     print(f"one-trial sweep: {one['wall_s']:.1f} s", flush=True)
@@ -206,6 +211,9 @@ def main() -> None:
         *[f"| plain loop {i + 1} (process start to exit) | {p['wall_s']:.1f} | "
           f"{fmt_parts({k: v for k, v in p.items() if k.endswith('_s') and k != 'wall_s'})}; accuracy {p['accuracy']:.3f} |"
           for i, p in enumerate(plains)],
+        *[f"| plain loop, its setup with the cyclic GC on, {i + 1} (alternating with the rows above) | {p['wall_s']:.1f} | "
+          f"{fmt_parts({k: v for k, v in p.items() if k.endswith('_s') and k != 'wall_s'})}; accuracy {p['accuracy']:.3f} |"
+          for i, p in enumerate(gc_on)],
         f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
         f"trial: {fmt_parts(one['trials'][0])} |",
         f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
@@ -223,6 +231,10 @@ def main() -> None:
         f"- of that fixed cost, Ray Train's own run start and end (the empty function's `fit()`) is "
         f"{statistics.median(floor):.1f} s, {statistics.median(lean):.1f} s with the trials' trainer; the plain loop "
         "pays none of it",
+        f"- the plain loop's load (importing the project and transformers, loading MiniLM and the data: "
+        f"what a trial's workers do in their setup) with the cyclic GC paused: "
+        f"{statistics.mean(p['load_s'] for p in plains):.1f} s against "
+        f"{statistics.mean(p['load_s'] for p in gc_on):.1f} s with it on (means of 2)",
         f"- six-trial sweep / six plain loops: **{six['wall_s'] / (6 * plain):.2f}x** (goal <= 1.25x); "
         f"one-trial sweep / one plain loop: {one['wall_s'] / plain:.2f}x",
     ]
@@ -238,10 +250,10 @@ if __name__ == "__main__":
     START = time.time()
     if sys.argv[1:] == ["--ray-floor"]:
         ray_floor()
-    elif sys.argv[1:] == ["--plain"]:
+    elif sys.argv[1:2] == ["--plain"]:
         import psutil
 
         START = psutil.Process().create_time()
-        plain_loop()
+        plain_loop(pause_gc=sys.argv[2:] != ["--gc-on"])
     else:
         main()
