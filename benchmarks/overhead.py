@@ -17,10 +17,11 @@ same steps whatever its seed:
           environment `orchestrate sweep` gives a local Ray, alternating with the same empty run of
           the trials' trainer (`trial._trainer_class`: no Ray Data actor).
 Each plain loop runs twice (the mean is used), alternating with a plain loop whose setup runs
-with Python's cyclic GC on (`--plain --gc-on`): what pausing it (`orchestrator.startup`, as the
-trials' workers and the sweep driver do) is worth to one process's imports and loads. The per-part breakdown comes from the sweep's
-`summary.json` (`driver`: the driver's timeline) and the trials' reports (`worker_start_s`,
-`setup_s`, method init, steps, evaluations, checkpoints). The fixed cost of a trial is the
+with Python's cyclic GC on (`--plain --gc-on`; which goes first swaps between the pairs): what
+pausing it (`orchestrator.startup`, as the trials' workers and the sweep driver do) is worth to
+one process's imports and loads. The per-part breakdown comes from the sweep's `summary.json`
+(`driver`: the driver's timeline) and the trials' reports (`worker_start_s`, `setup_s`, method
+init, steps, evaluations, checkpoints). The fixed cost of a trial is the
 marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5, minus the plain loop.
 """
 
@@ -178,8 +179,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     tmp = tempfile.mkdtemp(prefix="overhead-")
     plains, gc_on = [], []
-    for _ in range(2):
-        for runs, flags in ((gc_on, ["--gc-on"]), (plains, [])):
+    for pair in range(2):
+        for runs, flags in ((gc_on, ["--gc-on"]), (plains, []))[::1 if pair == 0 else -1]:
             wall, out = timed([sys.executable, __file__, "--plain", *flags], env)
             runs.append({"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
             print(f"plain loop {' '.join(flags)}: {wall:.1f} s "
@@ -254,6 +255,8 @@ if __name__ == "__main__":
         import psutil
 
         START = psutil.Process().create_time()
-        plain_loop(pause_gc=sys.argv[2:] != ["--gc-on"])
+        if sys.argv[2:] not in ([], ["--gc-on"]):
+            raise SystemExit(f"usage: {sys.argv[0]} --plain [--gc-on]")
+        plain_loop(pause_gc=not sys.argv[2:])
     else:
         main()

@@ -145,9 +145,8 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print_plan(spec)
         return 0
-    with startup.paused_gc():  # the driver's imports (torch, Ray Tune and Train, MLflow): orchestrator.startup
-        import ray.train.torch  # noqa: F401  (run_sweep imports these as it needs them)
-        import ray.tune  # noqa: F401
+    with startup.paused_gc():  # the driver's imports (torch, Ray Tune, MLflow): orchestrator.startup
+        import ray.tune  # noqa: F401  (run_sweep imports it as it needs it)
         from orchestrator import tracking
         from orchestrator.sweep import run_sweep
 
