@@ -172,6 +172,11 @@ def fmt_parts(parts: dict) -> str:
     return ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in parts.items())
 
 
+def plain_row(label: str, p: dict) -> str:
+    parts = fmt_parts({k: v for k, v in p.items() if k.endswith("_s") and k != "wall_s"})
+    return f"| {label} | {p['wall_s']:.1f} | {parts}; accuracy {p['accuracy']:.3f} |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write", action="store_true", help="replace this benchmark's section in BENCHMARKS.md")
@@ -209,11 +214,8 @@ def main() -> None:
         "",
         "| run | wall (s) | parts (s) |",
         "|---|---|---|",
-        *[f"| plain loop {i + 1} (process start to exit) | {p['wall_s']:.1f} | "
-          f"{fmt_parts({k: v for k, v in p.items() if k.endswith('_s') and k != 'wall_s'})}; accuracy {p['accuracy']:.3f} |"
-          for i, p in enumerate(plains)],
-        *[f"| plain loop, its setup with the cyclic GC on, {i + 1} (alternating with the rows above) | {p['wall_s']:.1f} | "
-          f"{fmt_parts({k: v for k, v in p.items() if k.endswith('_s') and k != 'wall_s'})}; accuracy {p['accuracy']:.3f} |"
+        *[plain_row(f"plain loop {i + 1} (process start to exit)", p) for i, p in enumerate(plains)],
+        *[plain_row(f"plain loop, its setup with the cyclic GC on, {i + 1} (alternating with the rows above)", p)
           for i, p in enumerate(gc_on)],
         f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
         f"trial: {fmt_parts(one['trials'][0])} |",
