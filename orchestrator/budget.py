@@ -6,7 +6,7 @@ their own (Tune calls no `on_trial_complete` for them), the planned ones it neve
 simply missing, and a driver cannot tell that end from an interrupted one. `TimeBudget` is the same
 stopper and also a Tune callback: it sees which trials ended by their own decision (a final report,
 ASHA, an error), so the ones the budget stopped are known, and it writes them to
-`<storage>/<sweep>/time_budget.json` (in the step it ran out in) for the summary, and for a
+`<storage>/<sweep>/time_budget.json` (as it runs out) for the summary, and for a
 `--resume` of a sweep that ended so.
 
 The budget is the sweep's, across driver runs: a sweep resumed after Ctrl-C or a killed driver
@@ -46,7 +46,7 @@ class TimeBudget(TimeoutStopper, Callback):
 
     @property
     def _seen(self) -> dict:
-        return _SEEN.setdefault(self._key, {"spent_at": None, "started": set(), "decided": set(), "written": False})
+        return _SEEN.setdefault(self._key, {"spent_at": None, "started": set(), "decided": set()})
 
     def setup(self, **info):  # each driver run starts afresh (a --resume in the same process too)
         _SEEN.pop(self._key, None)
@@ -60,6 +60,7 @@ class TimeBudget(TimeoutStopper, Callback):
         spent = super().stop_all()
         if spent and self._seen["spent_at"] is None:
             self._seen["spent_at"] = time.time()
+            self._write_record()
         return spent
 
     def stopped(self, trial_id: str) -> bool:
@@ -77,19 +78,21 @@ class TimeBudget(TimeoutStopper, Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._seen["decided"].add(trial.trial_id)
 
-    def on_step_end(self, iteration, trials, **info):
-        # In the step the budget ran out in, right after Tune stopped every trial: written before
-        # Tune's last save of its state and the trials' clean-up (seconds), so a driver killed
-        # after that save does not leave a sweep that looks interrupted and has nothing to resume.
+    def _write_record(self) -> None:
+        # Here, as the budget runs out: Tune asks its stopper before it saves its state in the same
+        # step (and stops every trial right after), so no saved state has a spent budget and no
+        # record; a driver killed at any point after leaves a sweep whose --resume finds its end.
+        # A sweep resumed after its budget ran out keeps the record of the run it ran out in (this
+        # run started nothing before the end, so it would record nothing stopped).
+        if read(self.record) is not None:
+            return
         seen = self._seen
-        if seen["spent_at"] is not None and not seen["written"]:
-            record = {
-                "time_budget_s": self._timeout_seconds,
-                "spent_at": datetime.fromtimestamp(seen["spent_at"], timezone.utc).isoformat(timespec="seconds"),
-                "stopped": sorted(t.trial_id for t in trials if self.stopped(t.trial_id)),
-            }
-            storage.write_bytes(self.record, json.dumps(record, indent=2).encode())
-            seen["written"] = True
+        record = {
+            "time_budget_s": self._timeout_seconds,
+            "spent_at": datetime.fromtimestamp(seen["spent_at"], timezone.utc).isoformat(timespec="seconds"),
+            "stopped": sorted(t for t in seen["started"] if self.stopped(t)),
+        }
+        storage.write_bytes(self.record, json.dumps(record, indent=2).encode())
 
 
 def read(record: str) -> dict | None:

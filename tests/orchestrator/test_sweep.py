@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune import Callback
 
 from orchestrator.spec import TrackingSettings, load_sweep
 from orchestrator.sweep import run_sweep
@@ -317,6 +318,78 @@ def test_trials_the_budget_ended_before_any_report_are_summarized_live_and_resto
         assert only["trial_id"] == ended["stopped"][0] and only["stop_reason"] == "time_budget", summary
         assert only["name"] == "lora-seed0" and only["config"] == trial and only["metric"] is None
         assert summary["not_run"] == ["lora-seed1"] and summary["best"] == {}
+
+
+def _reports_until_stopped(config):
+    from ray import tune
+
+    for step in range(1, 10000):
+        tune.report({"step": step, "eval_loss": 1.0 / step})
+        time.sleep(0.25)
+
+
+class _KillsItsDriverAfterTheBudgetStep(Callback):
+    """SIGKILL of the driver right after Tune saved its state in the step the budget ran out in
+    (Tune's callbacks run after that save, in order: this one before the budget's). Only in the
+    process that made it: the restored copy (Tune keeps its callbacks in the saved Tuner) does nothing."""
+
+    def __init__(self, stopper):
+        self.stopper, self.pid = stopper, os.getpid()
+
+    def on_step_end(self, iteration, trials, **info):
+        if os.getpid() == self.pid and self.stopper.spent_at is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILLED_DRIVER = """
+import sys
+
+import ray
+from ray import tune
+
+from orchestrator import budget
+from tests.orchestrator.test_sweep import _KillsItsDriverAfterTheBudgetStep, _reports_until_stopped
+
+address, storage, record = sys.argv[1:]
+ray.init(address=address, configure_logging=False)
+stopper = budget.TimeBudget(5, record)
+tune.Tuner(
+    _reports_until_stopped,
+    param_space={"run": {"name": "lora-seed0", "trial": {"method": {"name": "lora"}}}},
+    tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: f"{t.config['run']['name']}-{t.trial_id}"),
+    run_config=tune.RunConfig(name="k", storage_path=storage, stop=stopper, verbose=0,
+                              callbacks=[_KillsItsDriverAfterTheBudgetStep(stopper), stopper]),
+).fit()
+"""
+
+
+def test_a_driver_killed_right_after_the_budget_ran_out_resumes_to_the_same_end(ray_session, tmp_path):
+    """The driver dies in the step its budget ran out in, after Tune saved that step's state (the
+    budget spent, the trial still running) and before any callback ran. The record of what the
+    budget stopped is already written, so the --resume ends the sweep as its budget did, with the
+    same trial stopped by it, instead of an interrupted sweep or one where nothing was stopped."""
+    from ray import tune
+
+    from orchestrator import budget
+    from orchestrator.config import Target
+    from orchestrator.sweep import summarize
+
+    record = str(tmp_path / "k" / budget.RECORD_FILE)
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # Tune saves its state in every step
+    killed = subprocess.run([sys.executable, "-c", _KILLED_DRIVER, ray_session.get_runtime_context().gcs_address,
+                             str(tmp_path), record], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    ended = budget.read(record)
+    assert ended is not None and len(ended["stopped"]) == 1, ended
+    saved = _saved_statuses(tmp_path / "k")
+    assert list(saved.values()) == ["RUNNING"], saved  # what a resume restarts, with a spent budget
+
+    results = tune.Tuner.restore(str(tmp_path / "k"), trainable=_reports_until_stopped).fit()
+    assert budget.read(record) == ended  # the resumed run ran out at once and kept the record
+    summary = summarize(results, Target("eval_loss", "min", 0.01), budget.read(record), plan=["lora-seed0"])
+    (trial,) = summary["trials"]
+    assert summary["ended_by"] == "time_budget" and trial["stop_reason"] == "time_budget", summary
+    assert trial["trial_id"] == ended["stopped"][0] and trial["step"] >= 1, trial
 
 
 def test_summary_goes_beside_the_results_locally_or_at_a_uri(tmp_path):
