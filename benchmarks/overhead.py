@@ -12,10 +12,11 @@ same steps whatever its seed:
   sweep1  `orchestrate sweep` of that one trial (Ray Tune -> Ray Train, 2 workers x 1 pinned core,
           DeepSpeed ZeRO-2, MLflow in a local SQLite store), driver start to exit;
   sweep6  the same sweep with 6 seeds, one trial at a time;
-  floor   Ray Train's own cost per run: a bare `TorchTrainer` of 2 workers x 0.49 CPU whose train
-          function does nothing, `fit()`s in one process after Ray started (median), with the
-          environment `orchestrate sweep` gives a local Ray, alternating with the same empty run of
-          the trials' trainer (`trial._trainer_class`: no Ray Data actor).
+  floor   Ray Train's own cost per run: `fit()`s of 2 workers x 0.49 CPU whose train function only
+          reports once (as every trial's last evaluation does), in one process after Ray started
+          (median), with the environment `orchestrate sweep` gives a local Ray; alternating: Ray's
+          bare `TorchTrainer`, the trials' trainer (`trial._trainer_class`: no Ray Data actor) with
+          Ray's 2 s controller poll, and the same with the trials' poll (`trial.POLL_INTERVAL`).
 Each plain loop runs twice (the mean is used), alternating with a plain loop whose setup runs
 with Python's cyclic GC on (`--plain --gc-on`; which goes first swaps between the pairs): what
 pausing it (`orchestrator.startup`, as the trials' workers and the sweep driver do) is worth to
@@ -46,7 +47,7 @@ DATA = {"name": "bbc_news", "max_train_samples": 512, "max_eval_samples": 128, "
 METHOD = {"lora_ga": {"lora": {"r": 8}}, "boft": {"block_size": 8}}
 TRAIN = {"max_steps": STEPS, "batch_size": 16, "eval_every": EVAL_EVERY, "lr": 2.0e-3, "warmup_steps": 5,
          "stop_at_target": False}
-FLOOR_PAIRS = 4  # empty fit()s of each kind, alternating, after one warm-up
+FLOOR_PAIRS = 4  # empty fit()s of each kind, in turn, after one warm-up
 TRIAL_PARTS = ("worker_start_s", "setup_s", "method_init_s", "train_s", "eval_s", "checkpoint_s")
 
 
@@ -104,34 +105,45 @@ def plain_loop(pause_gc: bool = True) -> None:
 
 
 def _empty(config) -> None:
-    pass
+    from ray import train
+
+    train.report({"step": 1})
 
 
 def ray_floor() -> None:
-    """fit()s of an empty run, alternating Ray's bare TorchTrainer and the trials' trainer (the same
-    without Ray Data's actor, `trial._trainer_class`); prints their wall times as JSON."""
+    """fit()s of an empty run, alternating Ray's bare TorchTrainer, the trials' trainer (the same
+    without Ray Data's actor, `trial._trainer_class`) with Ray's default controller poll, and the
+    trials' trainer with the trials' poll; prints their wall times as JSON."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from orchestrator.cli import use_local_ray_env
-    from orchestrator.trial import _trainer_class
+    from orchestrator.trial import POLL_INTERVAL, _trainer_class
 
     use_local_ray_env()
+    os.environ.pop(POLL_INTERVAL[0], None)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="floor-")
 
-    def fit(cls, name: str) -> float:
+    def fit(cls, name: str, poll: str | None = None) -> float:
+        if poll:  # Ray Train reads it from this process's environment when fit() starts its controller
+            os.environ[POLL_INTERVAL[0]] = poll
         started = time.time()
-        cls(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
-            run_config=ray.train.RunConfig(name=name, storage_path=tmp)).fit()
+        try:
+            cls(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
+                run_config=ray.train.RunConfig(name=name, storage_path=tmp)).fit()
+        finally:
+            os.environ.pop(POLL_INTERVAL[0], None)
         return time.time() - started
 
     fit(TorchTrainer, "warm-up")  # the first run after Ray's start is seconds slower: not counted
-    walls: dict[str, list[float]] = {"bare": [], "trial": []}
+    kinds = {"bare": (TorchTrainer, None), "trial_default_poll": (_trainer_class(), None),
+             "trial": (_trainer_class(), POLL_INTERVAL[1])}
+    walls: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(FLOOR_PAIRS):
-        for kind, cls in (("bare", TorchTrainer), ("trial", _trainer_class())):
-            walls[kind].append(fit(cls, f"floor-{kind}{i}"))
+        for kind, (cls, poll) in kinds.items():
+            walls[kind].append(fit(cls, f"floor-{kind}{i}", poll))
     print(json.dumps(walls))
 
 
@@ -178,6 +190,8 @@ def plain_row(label: str, p: dict) -> str:
 
 
 def main() -> None:
+    from orchestrator.trial import POLL_INTERVAL
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write", action="store_true", help="replace this benchmark's section in BENCHMARKS.md")
     args = p.parse_args()
@@ -197,9 +211,10 @@ def main() -> None:
     print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
     _, out = timed([sys.executable, __file__, "--ray-floor"], env)
     floors = json.loads(out.strip().splitlines()[-1])
-    floor, lean = floors["bare"], floors["trial"]
-    print(f"empty fit(): TorchTrainer {', '.join(f'{w:.1f}' for w in floor)} s; "
-          f"the trials' trainer {', '.join(f'{w:.1f}' for w in lean)} s", flush=True)
+    floor, slow, lean = floors["bare"], floors["trial_default_poll"], floors["trial"]
+    print(f"one-report fit(): TorchTrainer {', '.join(f'{w:.1f}' for w in floor)} s; the trials' trainer, "
+          f"Ray's poll {', '.join(f'{w:.1f}' for w in slow)} s, the trials' poll {', '.join(f'{w:.1f}' for w in lean)} s",
+          flush=True)
 
     marginal = (six["wall_s"] - one["wall_s"]) / 5
     trial_mean = {k: statistics.mean(t[k] for t in six["trials"]) for k in (*TRIAL_PARTS, "elapsed_s")}
@@ -220,9 +235,11 @@ def main() -> None:
         f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
         f"trial: {fmt_parts(one['trials'][0])} |",
         f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
-        f"| Ray Train alone: an empty train function, 2 workers (`fit()`, Ray already started), median | "
-        f"{statistics.median(floor):.1f} | {len(floor)} runs: {', '.join(f'{w:.1f}' for w in floor)} |",
-        f"| the same with the trials' trainer (no Ray Data actor), alternating with the row above, median | "
+        f"| Ray Train alone: a train function that reports once, 2 workers (`fit()`, Ray already started), Ray's "
+        f"defaults, median | {statistics.median(floor):.1f} | {len(floor)} runs: {', '.join(f'{w:.1f}' for w in floor)} |",
+        f"| the same with the trials' trainer (no Ray Data actor), Ray's 2 s controller poll, in turn with the rows "
+        f"around it, median | {statistics.median(slow):.1f} | {len(slow)} runs: {', '.join(f'{w:.1f}' for w in slow)} |",
+        f"| the same with the trials' {POLL_INTERVAL[1]} s controller poll (`{POLL_INTERVAL[0]}`), median | "
         f"{statistics.median(lean):.1f} | {len(lean)} runs: {', '.join(f'{w:.1f}' for w in lean)} |",
         "",
         f"- marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5: {marginal:.1f} s; "
@@ -231,9 +248,9 @@ def main() -> None:
         f"worker setup {trial_mean['setup_s']:.1f} s, method init + steps + evaluations "
         f"{trial_mean['method_init_s'] + trial_mean['train_s'] + trial_mean['eval_s']:.1f} s; "
         f"the rest of the marginal cost ({marginal - span:.1f} s) is Tune's trial actor start and Train's shutdown",
-        f"- of that fixed cost, Ray Train's own run start and end (the empty function's `fit()`) is "
-        f"{statistics.median(floor):.1f} s, {statistics.median(lean):.1f} s with the trials' trainer; the plain loop "
-        "pays none of it",
+        f"- of that fixed cost, Ray Train's own run start and end (the one-report function's `fit()`) is "
+        f"{statistics.median(lean):.1f} s as the trials run it ({statistics.median(slow):.1f} s with Ray's 2 s poll, "
+        f"{statistics.median(floor):.1f} s with Ray's bare TorchTrainer); the plain loop pays none of it",
         f"- the plain loop's load (importing the project and transformers, loading MiniLM and the data: "
         f"what a trial's workers do in their setup) with the cyclic GC paused: "
         f"{statistics.mean(p['load_s'] for p in plains):.1f} s against "
