@@ -27,12 +27,6 @@ COLLECTIVE_TIMEOUT_S = 4 * 3600  # see build_trainer
 # GPUs, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) without limit: a trial that can
 # never get its workers would wait forever. After this many retries it fails, and the sweep goes on.
 WORKER_GROUP_START_RETRIES = 3
-# Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and takes
-# one report per worker and poll; a worker whose last report is still queued counts as running. So
-# a run ends two polls after its last report: 4 s of every trial, and its workers keep their CPUs
-# meanwhile. A poll is one small RPC per worker. A value the user set wins; Ray Train copies it from
-# the process that calls fit() to its controller.
-POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def _report_log_callback(path: str):
@@ -81,7 +75,6 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
 
     from orchestrator.worker import train_loop_per_worker
 
-    os.environ.setdefault(*POLL_INTERVAL)
     res = cfg.resources
     storage_path = os.path.abspath(os.path.expanduser(storage_path)) if "://" not in storage_path else storage_path
     per_worker = {"CPU": res.cpus_per_worker}

@@ -141,23 +141,6 @@ def test_bad_settings_fail_before_any_worker(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def test_the_controller_polls_at_the_trials_interval_unless_the_user_set_one(tmp_path, monkeypatch):
-    """Ray Train's controller takes its poll interval from the environment that Ray Train copies from
-    the process calling fit() (its variables to propagate): the trials' 0.25 s, or the user's own."""
-    from ray.train.v2._internal.constants import get_env_vars_to_propagate
-
-    from orchestrator.trial import POLL_INTERVAL, build_trainer
-
-    cfg = trial_config()
-    variable, interval = POLL_INTERVAL
-    monkeypatch.delenv(variable, raising=False)
-    build_trainer(cfg, validate_trial(cfg), str(tmp_path), "t")
-    assert get_env_vars_to_propagate()[variable] == interval == "0.25"
-    monkeypatch.setenv(variable, "1.5")
-    build_trainer(cfg, validate_trial(cfg), str(tmp_path), "t")
-    assert get_env_vars_to_propagate()[variable] == "1.5"
-
-
 @pytest.fixture(scope="module")
 def cpu_adam(ray_session):
     """DeepSpeed's CPU Adam op built on this node, as a sweep's `prepare_nodes` builds it before its
