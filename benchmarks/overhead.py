@@ -16,7 +16,7 @@ same steps whatever its seed:
           reports once (as every trial's last evaluation does), in one process after Ray started
           (median), with the environment `orchestrate sweep` gives a local Ray; alternating: Ray's
           bare `TorchTrainer`, the trials' trainer (`trial._trainer_class`: no Ray Data actor) with
-          Ray's 2 s controller poll (as trials run), and the same with a 0.25 s poll.
+          Ray's 2 s controller poll (as trials run), and the same with a 0.25 s poll (POLL_INTERVAL).
 Each plain loop runs twice (the mean is used), alternating with a plain loop whose setup runs
 with Python's cyclic GC on (`--plain --gc-on`; which goes first swaps between the pairs): what
 pausing it (`orchestrator.startup`, as the trials' workers and the sweep driver do) is worth to
@@ -47,7 +47,7 @@ DATA = {"name": "bbc_news", "max_train_samples": 512, "max_eval_samples": 128, "
 METHOD = {"lora_ga": {"lora": {"r": 8}}, "boft": {"block_size": 8}}
 TRAIN = {"max_steps": STEPS, "batch_size": 16, "eval_every": EVAL_EVERY, "lr": 2.0e-3, "warmup_steps": 5,
          "stop_at_target": False}
-FLOOR_PAIRS = 4  # empty fit()s of each kind, in turn, after one warm-up
+FLOOR_ROUNDS = 4  # one-report fit()s of each kind, in turn, after one warm-up
 # What a faster Ray Train controller poll would buy (Ray's default is 2 s; not the product's setting:
 # BENCHMARKS.md says why).
 POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
@@ -114,9 +114,9 @@ def _empty(config) -> None:
 
 
 def ray_floor() -> None:
-    """fit()s of an empty run, alternating Ray's bare TorchTrainer, the trials' trainer (the same
-    without Ray Data's actor, `trial._trainer_class`) with Ray's default controller poll, and the
-    trials' trainer with the trials' poll; prints their wall times as JSON."""
+    """fit()s of a run that only reports once, in turn: Ray's bare TorchTrainer, the trials' trainer
+    (the same without Ray Data's actor, `trial._trainer_class`) with Ray's default controller poll,
+    and the trials' trainer with a POLL_INTERVAL poll; prints their wall times as JSON."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -144,7 +144,7 @@ def ray_floor() -> None:
     kinds = {"bare": (TorchTrainer, None), "trial_default_poll": (_trainer_class(), None),
              "trial_fast_poll": (_trainer_class(), POLL_INTERVAL[1])}
     walls: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for i in range(FLOOR_PAIRS):
+    for i in range(FLOOR_ROUNDS):
         for kind, (cls, poll) in kinds.items():
             walls[kind].append(fit(cls, f"floor-{kind}{i}", poll))
     print(json.dumps(walls))
@@ -214,7 +214,8 @@ def main() -> None:
     floors = json.loads(out.strip().splitlines()[-1])
     floor, lean, fast = floors["bare"], floors["trial_default_poll"], floors["trial_fast_poll"]
     print(f"one-report fit(): TorchTrainer {', '.join(f'{w:.1f}' for w in floor)} s; the trials' trainer, "
-          f"Ray's 2 s poll {', '.join(f'{w:.1f}' for w in lean)} s, a 0.25 s poll {', '.join(f'{w:.1f}' for w in fast)} s",
+          f"Ray's 2 s poll {', '.join(f'{w:.1f}' for w in lean)} s, a {POLL_INTERVAL[1]} s poll "
+          f"{', '.join(f'{w:.1f}' for w in fast)} s",
           flush=True)
 
     marginal = (six["wall_s"] - one["wall_s"]) / 5
@@ -250,7 +251,7 @@ def main() -> None:
         f"{trial_mean['method_init_s'] + trial_mean['train_s'] + trial_mean['eval_s']:.1f} s; "
         f"the rest of the marginal cost ({marginal - span:.1f} s) is Tune's trial actor start and Train's shutdown",
         f"- of that fixed cost, Ray Train's own run start and end (the one-report function's `fit()`) is "
-        f"{statistics.median(lean):.1f} s as the trials run it ({statistics.median(fast):.1f} s with a 0.25 s poll, "
+        f"{statistics.median(lean):.1f} s as the trials run it ({statistics.median(fast):.1f} s with a {POLL_INTERVAL[1]} s poll, "
         f"{statistics.median(floor):.1f} s with Ray's bare TorchTrainer); the plain loop pays none of it",
         f"- the plain loop's load (importing the project and transformers, loading MiniLM and the data: "
         f"what a trial's workers do in their setup) with the cyclic GC paused: "
