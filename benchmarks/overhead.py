@@ -16,7 +16,7 @@ same steps whatever its seed:
           reports once (as every trial's last evaluation does), in one process after Ray started
           (median), with the environment `orchestrate sweep` gives a local Ray; alternating: Ray's
           bare `TorchTrainer`, the trials' trainer (`trial._trainer_class`: no Ray Data actor) with
-          Ray's 2 s controller poll (as trials run), and the same with a 0.25 s poll (POLL_INTERVAL).
+          Ray's 2 s controller poll, and the same with the trials' 0.25 s poll (`trial.CONTROLLER_POLL`).
 Each plain loop runs twice (the mean is used), alternating with a plain loop whose setup runs
 with Python's cyclic GC on (`--plain --gc-on`; which goes first swaps between the pairs): what
 pausing it (`orchestrator.startup`, as the trials' workers and the sweep driver do) is worth to
@@ -48,9 +48,6 @@ METHOD = {"lora_ga": {"lora": {"r": 8}}, "boft": {"block_size": 8}}
 TRAIN = {"max_steps": STEPS, "batch_size": 16, "eval_every": EVAL_EVERY, "lr": 2.0e-3, "warmup_steps": 5,
          "stop_at_target": False}
 FLOOR_ROUNDS = 4  # one-report fit()s of each kind, in turn, after one warm-up
-# What a faster Ray Train controller poll would buy (Ray's default is 2 s; not the product's setting:
-# BENCHMARKS.md says why).
-POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 TRIAL_PARTS = ("worker_start_s", "setup_s", "method_init_s", "train_s", "eval_s", "checkpoint_s")
 
 
@@ -116,33 +113,33 @@ def _empty(config) -> None:
 def ray_floor() -> None:
     """fit()s of a run that only reports once, in turn: Ray's bare TorchTrainer, the trials' trainer
     (the same without Ray Data's actor, `trial._trainer_class`) with Ray's default controller poll,
-    and the trials' trainer with a POLL_INTERVAL poll; prints their wall times as JSON."""
+    and the trials' trainer with the trials' poll (CONTROLLER_POLL); prints their wall times as JSON."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from orchestrator.cli import use_local_ray_env
-    from orchestrator.trial import _trainer_class
+    from orchestrator.trial import CONTROLLER_POLL, _trainer_class
 
     use_local_ray_env()
-    os.environ.pop(POLL_INTERVAL[0], None)
+    os.environ.pop(CONTROLLER_POLL[0], None)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="floor-")
 
     def fit(cls, name: str, poll: str | None = None) -> float:
         if poll:  # Ray Train reads it from this process's environment when fit() starts its controller
-            os.environ[POLL_INTERVAL[0]] = poll
+            os.environ[CONTROLLER_POLL[0]] = poll
         started = time.time()
         try:
             cls(_empty, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
                 run_config=ray.train.RunConfig(name=name, storage_path=tmp)).fit()
         finally:
-            os.environ.pop(POLL_INTERVAL[0], None)
+            os.environ.pop(CONTROLLER_POLL[0], None)
         return time.time() - started
 
     fit(TorchTrainer, "warm-up")  # the first run after Ray's start is seconds slower: not counted
     kinds = {"bare": (TorchTrainer, None), "trial_default_poll": (_trainer_class(), None),
-             "trial_fast_poll": (_trainer_class(), POLL_INTERVAL[1])}
+             "trial_fast_poll": (_trainer_class(), CONTROLLER_POLL[1])}
     walls: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(FLOOR_ROUNDS):
         for kind, (cls, poll) in kinds.items():
@@ -212,9 +209,11 @@ def main() -> None:
     print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
     _, out = timed([sys.executable, __file__, "--ray-floor"], env)
     floors = json.loads(out.strip().splitlines()[-1])
+    from orchestrator.trial import CONTROLLER_POLL
+
     floor, lean, fast = floors["bare"], floors["trial_default_poll"], floors["trial_fast_poll"]
     print(f"one-report fit(): TorchTrainer {', '.join(f'{w:.1f}' for w in floor)} s; the trials' trainer, "
-          f"Ray's 2 s poll {', '.join(f'{w:.1f}' for w in lean)} s, a {POLL_INTERVAL[1]} s poll "
+          f"Ray's 2 s poll {', '.join(f'{w:.1f}' for w in lean)} s, the trials' {CONTROLLER_POLL[1]} s poll "
           f"{', '.join(f'{w:.1f}' for w in fast)} s",
           flush=True)
 
@@ -239,9 +238,9 @@ def main() -> None:
         f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
         f"| Ray Train alone: a train function that reports once, 2 workers (`fit()`, Ray already started), Ray's "
         f"defaults, median | {statistics.median(floor):.1f} | {len(floor)} runs: {', '.join(f'{w:.1f}' for w in floor)} |",
-        f"| the same with the trials' trainer (no Ray Data actor, Ray's 2 s controller poll: as trials run), in turn "
+        f"| the same with the trials' trainer (no Ray Data actor) and Ray's 2 s controller poll, in turn "
         f"with the rows around it, median | {statistics.median(lean):.1f} | {len(lean)} runs: {', '.join(f'{w:.1f}' for w in lean)} |",
-        f"| the same with a {POLL_INTERVAL[1]} s controller poll (`{POLL_INTERVAL[0]}`; not the product's setting), median | "
+        f"| the same with the trials' {CONTROLLER_POLL[1]} s controller poll (`{CONTROLLER_POLL[0]}`: as trials run), median | "
         f"{statistics.median(fast):.1f} | {len(fast)} runs: {', '.join(f'{w:.1f}' for w in fast)} |",
         "",
         f"- marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5: {marginal:.1f} s; "
@@ -251,7 +250,7 @@ def main() -> None:
         f"{trial_mean['method_init_s'] + trial_mean['train_s'] + trial_mean['eval_s']:.1f} s; "
         f"the rest of the marginal cost ({marginal - span:.1f} s) is Tune's trial actor start and Train's shutdown",
         f"- of that fixed cost, Ray Train's own run start and end (the one-report function's `fit()`) is "
-        f"{statistics.median(lean):.1f} s as the trials run it ({statistics.median(fast):.1f} s with a {POLL_INTERVAL[1]} s poll, "
+        f"{statistics.median(fast):.1f} s as the trials run it ({statistics.median(lean):.1f} s with Ray's 2 s poll, "
         f"{statistics.median(floor):.1f} s with Ray's bare TorchTrainer); the plain loop pays none of it",
         f"- the plain loop's load (importing the project and transformers, loading MiniLM and the data: "
         f"what a trial's workers do in their setup) with the cyclic GC paused: "

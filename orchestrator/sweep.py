@@ -141,6 +141,7 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=t.seeds[0])
+    from orchestrator import reaper
     from orchestrator.placement import driver_plan
 
     # Drivers pinned to driver slots where the cluster defines them (the head, never a spot node);
@@ -164,7 +165,7 @@ def build_tuner(spec: SweepSpec, target: Target, callbacks=(), resume: bool = Fa
             trial_dirname_creator=lambda trial: f"{name_creator(trial)}-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(spec), stop=time_budget,
-                                  callbacks=[*callbacks, *([time_budget] if time_budget else [])],
+                                  callbacks=[*callbacks, *([time_budget] if time_budget else []), reaper.Reaper()],
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0),
     )
 
@@ -207,7 +208,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
     With `track`, an MLflow parent run is opened first (a resumed sweep keeps its own: the tracker
     is restored from Tune's state), every trial becomes a child run, and the comparison report
     is written at the end."""
-    from orchestrator import budget, tracking
+    from orchestrator import budget, reaper, tracking
     from orchestrator.progress import LiveTable
 
     timeline = Timeline()
@@ -251,6 +252,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks=(), quiet: bool =
         if parent:
             tracking.finish_parent_run(uri, parent, None, status="FAILED")
         raise
+    finally:
+        reaper.settle()  # the stopped trials' leftover placement groups (orchestrator.reaper)
     ended = budget.read(record)  # the budget ran out, in this driver run or an earlier one
     if stop.received or (ended is None and interrupted(results, spec)):  # Ctrl-C: Tune saved its state
         if parent:  # KILLED until --resume reopens it

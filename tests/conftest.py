@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -170,6 +171,16 @@ def logits(model, inputs) -> torch.Tensor:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def free_cpus(ray, want: float | None = None, timeout_s: float = 10.0) -> float:
+    """Ray's count of free CPUs once it reaches `want` (all of them by default), or after the
+    timeout: Ray frees a removed placement group's resources asynchronously."""
+    want = ray.cluster_resources()["CPU"] if want is None else want
+    deadline = time.monotonic() + timeout_s
+    while (free := ray.available_resources().get("CPU", 0.0)) < want - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return free
 
 
 @pytest.fixture(scope="session")

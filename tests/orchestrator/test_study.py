@@ -15,6 +15,7 @@ from orchestrator.spec import load_sweep
 from orchestrator.placement import max_concurrent
 from orchestrator.sweep import run_sweep
 from orchestrator.tasks import DataSpec, assets, get_task
+from tests.conftest import free_cpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDY = sorted(glob.glob(os.path.join(ROOT, "search_spaces", "study", "*.yaml")))
@@ -55,6 +56,9 @@ def test_study_file_smoke_test_runs_its_methods_on_its_model_and_task(path, ray_
     # Untracked: a sweep's MLflow store and report are the sweep tests' concern, not this one's.
     _, summary = run_sweep(dataclasses.replace(small, methods={m: small.methods[m] for m in run}), quiet=True,
                            track=False)
+    # Nothing stays reserved (two 1-worker trials at a time: Tune's stop at their final reports
+    # once left one's 0.49 CPU reserved for the session, until orchestrator.reaper)
+    assert free_cpus(ray_session) == pytest.approx(ray_session.cluster_resources()["CPU"])
     trials = {t["method"]: t for t in summary["trials"]}
     assert set(trials) == run and len(summary["trials"]) == len(run), [t["name"] for t in summary["trials"]]
     for method, t in trials.items():

@@ -19,6 +19,7 @@ from ray.tune import Callback
 
 from orchestrator.spec import TrackingSettings, load_sweep
 from orchestrator.sweep import run_sweep
+from tests.conftest import free_cpus
 from tests.orchestrator.test_tracking import artifacts, experiment_id, history, kv, mlflow_server, search  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -54,6 +55,9 @@ def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_ses
     spec = load_sweep(str(write_sweep(tmp_path)))
     spec = dataclasses.replace(spec, tracking=TrackingSettings(uri=mlflow_server, experiment="e2e-sweep"))
     results, summary = run_sweep(spec, quiet=True)
+    # Nothing stays reserved once the sweep returns, not even by the trials ASHA stopped mid-run
+    # (Tune kills their Train controllers: orchestrator.reaper); Ray frees resources asynchronously.
+    assert free_cpus(ray_session) == pytest.approx(ray_session.cluster_resources()["CPU"])
     trials = {t["name"]: t for t in summary["trials"]}
     assert len(trials) == 4
     failed = [t for t in trials.values() if t["status"] == "ERROR"]

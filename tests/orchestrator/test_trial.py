@@ -15,7 +15,7 @@ import torch
 from methods.config import ConfigError
 from orchestrator import report
 from orchestrator.config import TrialConfig, validate_trial
-from orchestrator.trial import read_reports, run_trial
+from orchestrator.trial import CONTROLLER_POLL, build_trainer, read_reports, run_trial
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +149,18 @@ def cpu_adam(ray_session):
 
     (node,) = prepare_nodes([trial_config(deepspeed={"zero_stage": 2, "offload_optimizer": True})], quiet=True)
     assert not node["failed"], node["failed"]
+
+
+def test_trials_poll_their_workers_every_quarter_second_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    """Ray Train's controller reads its poll from the environment when fit() starts it (Ray's 2 s
+    default: a run ends two polls after its last report); a trial sets 0.25 s where nobody set it."""
+    cfg = trial_config()
+    monkeypatch.delenv(CONTROLLER_POLL[0], raising=False)
+    build_trainer(cfg, validate_trial(cfg), str(tmp_path), "poll")
+    assert os.environ[CONTROLLER_POLL[0]] == "0.25"
+    monkeypatch.setenv(CONTROLLER_POLL[0], "1.5")
+    build_trainer(cfg, validate_trial(cfg), str(tmp_path), "poll")
+    assert os.environ[CONTROLLER_POLL[0]] == "1.5"  # the user's own setting wins
 
 
 def test_a_driver_prepares_each_node_once_per_op_and_model(ray_session, monkeypatch, capsys):

@@ -1,0 +1,117 @@
+"""Placement groups that stopped trials leave behind, removed while the sweep runs.
+
+    reap()                                    # remove them now; returns how many
+    tune.RunConfig(callbacks=[Reaper()])      # every few seconds while a sweep runs
+    settle()                                  # at its end, once its last trials' controllers died
+
+Tune stops a trial (ASHA, a time budget, Ctrl-C, or its final report: `done`) by killing its
+trial actor; Ray kills the trial's Train controller with it. A placement group that a non-detached
+actor creates lives until that actor *and its job* are dead (Ray's rule), and the job is the sweep
+driver: so Ray Train's PlacementGroupCleaner removes the worker group's placement group when its
+controller dies. But a controller killed while its control loop runs goes on for a moment: it sees
+its workers die (they die with it), takes that for a worker failure, and starts a new worker group
+(a new placement group) that no cleaner ever hears of. Seen with a 1-CPU trial of a smoke sweep:
+its group's 0.49 CPU stayed reserved for the rest of the session, and the next 2 x 0.9-CPU trial
+on 2 CPUs waited for its workers until Ray Train gave up. On a GPU cluster it would be GPUs.
+
+Such a group can never be used: its creator is dead, and what the creator started died with it.
+So every placement group of this job (the sweep driver's) that is not detached, whose creator was an
+actor and that actor is dead, is removed. Ray's public state API does not say who created a group
+(`ray.util.state.list_placement_groups` gives the job only), so this reads the GCS tables that
+Ray's own `ray.util.placement_group_table` and `ray.util.state` read; on a Ray without them,
+`reap` finds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray.tune import Callback
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_S = 2.0  # how often a sweep looks; one GCS call, a few ms
+SETTLE_S = 10.0  # at the sweep's end, how long its last trials' controllers get to die
+GRACE_S = 1.0  # and how long their processes may take to end after that
+
+
+def _groups(dead: bool) -> list:
+    """This job's placement groups, not removed and not detached, that an actor created, dead or
+    alive as asked (the driver's own, e.g. Tune's for its trials, are never among them). The
+    creator's state comes from the actor table: the group's own `creator_actor_dead` is set only
+    for the groups that existed when the creator died, not for one it created while dying."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+    except ImportError:
+        return []
+    job, found, creators = ray.get_runtime_context().get_job_id(), [], {}
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
+                or ray.JobID(pg.creator_job_id).hex() != job or not pg.creator_actor_id
+                or ray.ActorID(pg.creator_actor_id).is_nil()):
+            continue
+        creator = pg.creator_actor_id.hex()
+        if creator not in creators:
+            # an actor the table no longer holds died long ago
+            creators[creator] = pg.creator_actor_dead or state.actor_table(creator).get("State", "DEAD") == "DEAD"
+        if creators[creator] == dead:
+            found.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+    return found
+
+
+def _live() -> bool:
+    try:
+        return bool(_groups(dead=False))
+    except Exception:  # noqa: BLE001 - as in reap
+        return False
+
+
+def reap() -> int:
+    """Remove the orphans (creator dead) now; returns how many were removed."""
+    from ray.util import remove_placement_group
+
+    try:
+        found = _groups(dead=True)
+    except Exception:  # noqa: BLE001 - Ray going down with the sweep: nothing left to free
+        return 0
+    n = 0
+    for pg in found:
+        try:
+            remove_placement_group(pg)
+            n += 1
+            logger.info("removed placement group %s: its creator actor is dead", pg.id.hex())
+        except Exception:  # noqa: BLE001 - removed meanwhile (Ray Train's cleaner): nothing to do
+            pass
+    return n
+
+
+def settle(timeout_s: float = SETTLE_S) -> int:
+    """Reap until no placement group of a live actor of this job is left (the stopped trials'
+    controllers have died) or `timeout_s` passed, and once more a moment later: a controller's
+    process goes on for a few milliseconds after Ray counts it dead, and that is when it creates
+    the group no cleaner hears of. Returns how many were removed."""
+    n, deadline = reap(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _live():
+        time.sleep(0.2)
+        n += reap()
+    time.sleep(GRACE_S)
+    return n + reap()
+
+
+class Reaper(Callback):
+    """A Tune callback that reaps every `interval_s` while the sweep runs (Tune's loop steps
+    several times a second)."""
+
+    def __init__(self, interval_s: float = INTERVAL_S):
+        self.interval_s, self.last = interval_s, 0.0
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self.last >= self.interval_s:
+            self.last = time.monotonic()
+            reap()
