@@ -96,12 +96,16 @@ def settle(timeout_s: float = SETTLE_S) -> int:
     controllers have died) or `timeout_s` passed, and once more a moment later: a controller's
     process goes on for a few milliseconds after Ray counts it dead, and that is when it creates
     the group no cleaner hears of. Returns how many were removed."""
-    n, deadline = reap(), time.monotonic() + timeout_s
+    started = time.monotonic()
+    n, deadline = reap(), started + timeout_s
     while time.monotonic() < deadline and _live():
         time.sleep(0.2)
         n += reap()
+    waited = time.monotonic() - started
     time.sleep(GRACE_S)
-    return n + reap()
+    n += reap()
+    logger.info("settled: %d placement group(s) removed; %.1f s waiting for live creators", n, waited)
+    return n
 
 
 class Reaper(Callback):

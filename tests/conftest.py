@@ -174,11 +174,11 @@ def family(request) -> str:
 
 
 def free_cpus(ray, want: float | None = None, timeout_s: float = 10.0) -> float:
-    """Ray's count of free CPUs once it reaches `want` (all of them by default), or after the
-    timeout: Ray frees a removed placement group's resources asynchronously."""
+    """Ray's count of free CPUs once it is `want` (all of them by default), or after the timeout:
+    Ray's view of what placement groups hold follows their creation and removal asynchronously."""
     want = ray.cluster_resources()["CPU"] if want is None else want
     deadline = time.monotonic() + timeout_s
-    while (free := ray.available_resources().get("CPU", 0.0)) < want - 1e-6 and time.monotonic() < deadline:
+    while abs((free := ray.available_resources().get("CPU", 0.0)) - want) > 1e-6 and time.monotonic() < deadline:
         time.sleep(0.1)
     return free
 

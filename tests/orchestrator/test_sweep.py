@@ -1,5 +1,5 @@
 """End-to-end sweeps: Ray Tune (ASHA) over Ray Train trials of DeepSpeed workers, real MiniLM on real
-BBC News; a failing trial, ASHA stops, Ctrl-C and --resume."""
+BBC News; a failing trial, ASHA stops, Ctrl-C and --resume; what stopped trials leave reserved."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import yaml
 from ray.tune import Callback
 
+from orchestrator import reaper
 from orchestrator.spec import TrackingSettings, load_sweep
 from orchestrator.sweep import run_sweep
 from tests.conftest import free_cpus
@@ -95,6 +96,51 @@ def test_asha_sweep_with_a_failing_trial_tracked_in_a_real_mlflow_server(ray_ses
     assert kv(by_name["lora-r4-lr0.003-seed0"], "params")["rank"] == "4"
     report = artifacts(mlflow_server, parent["info"]["run_id"], "report")
     assert {"report/curves.png", "report/pareto.png", "report/compare.csv"} <= set(report)
+
+
+def _state(ray, pg) -> str:
+    return ray.util.placement_group_table(pg)["state"]
+
+
+def test_a_dead_actors_placement_group_is_removed_and_nothing_else(ray_session):
+    """orchestrator.reaper on the real local Ray: a placement group whose creator actor died is
+    removed and its CPUs come back; the driver's own groups and a live actor's are left alone."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # as Ray Train's: creates its workers' group, then dies with its trial
+        def create(self, cpus: float):
+            pg = ray.util.placement_group([{"CPU": cpus}])
+            ray.get(pg.ready())
+            return pg
+
+    reaper.settle()  # whatever earlier tests left
+    total = ray.cluster_resources()["CPU"]
+    assert free_cpus(ray) == pytest.approx(total)
+    own = ray.util.placement_group([{"CPU": 0.25}])  # the driver's (as Tune's trial groups)
+    ray.get(own.ready())
+    dying, living = Controller.remote(), Controller.remote()
+    orphan, kept = ray.get(dying.create.remote(0.5)), ray.get(living.create.remote(0.5))
+    assert free_cpus(ray, total - 1.25) == pytest.approx(total - 1.25)
+    assert reaper.reap() == 0  # every creator alive: nothing to do
+
+    ray.kill(dying)
+    deadline = time.monotonic() + 10
+    while _state(ray, orphan) != "REMOVED" and time.monotonic() < deadline:
+        reaper.reap()
+        time.sleep(0.1)
+    assert _state(ray, orphan) == "REMOVED"  # Ray itself keeps it until the job ends
+    assert _state(ray, kept) == "CREATED" and _state(ray, own) == "CREATED"
+    assert free_cpus(ray, total - 0.75) == pytest.approx(total - 0.75)
+
+    # settle: waits for a creator that is on its way out, then frees what it left
+    started = time.monotonic()
+    ray.kill(living)
+    reaper.settle(timeout_s=10)
+    assert time.monotonic() - started < 10
+    assert _state(ray, kept) == "REMOVED" and _state(ray, own) == "CREATED"
+    ray.util.remove_placement_group(own)
+    assert free_cpus(ray) == pytest.approx(total)
 
 
 def _results(sweep_dir: Path) -> dict[str, list[dict]]:
