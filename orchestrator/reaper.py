@@ -10,9 +10,10 @@ actor creates lives until that actor *and its job* are dead (Ray's rule), and th
 driver: so Ray Train's PlacementGroupCleaner removes the worker group's placement group when its
 controller dies. But a controller killed while its control loop runs goes on for a moment: it sees
 its workers die (they die with it), takes that for a worker failure, and starts a new worker group
-(a new placement group) that no cleaner ever hears of. Seen with a 1-CPU trial of a smoke sweep:
-its group's 0.49 CPU stayed reserved for the rest of the session, and the next 2 x 0.9-CPU trial
-on 2 CPUs waited for its workers until Ray Train gave up. On a GPU cluster it would be GPUs.
+(a new placement group) that no cleaner ever hears of; its process goes on ~100 ms after Ray
+counts it dead. Seen with the one-worker trials of a smoke sweep and of an ASHA sweep: a group's
+0.49 CPU stayed reserved for the rest of the session, and the next 2 x 0.9-CPU trial on 2 CPUs
+waited for its workers until Ray Train gave up. On a GPU cluster it would be GPUs.
 
 Such a group can never be used: its creator is dead, and what the creator started died with it.
 So every placement group of this job (the sweep driver's) that is not detached, whose creator was an
