@@ -34,7 +34,8 @@ def test_paused_gc_collects_nothing_inside_then_freezes_what_was_made_and_resume
         made = [[i] for i in range(50_000)]  # 70x the collector's first threshold (700 allocations)
         assert gc_passes == entered  # not one pass while paused
     assert gc.isenabled()
-    assert gc.get_freeze_count() >= frozen + len(made)  # never walked again by a later pass
+    # never walked again by a later pass (less a little slack: frozen objects elsewhere may die meanwhile)
+    assert gc.get_freeze_count() >= frozen + 0.99 * len(made)
     more = [[i] for i in range(50_000)]  # the collector runs again as usual
     assert gc_passes and len(more) == 50_000
 
@@ -69,4 +70,6 @@ def test_paused_gc_leaves_a_disabled_collector_disabled_and_freezes_nothing_afte
         made = [[i] for i in range(1000)]
         raise RuntimeError(f"setup failed after {len(made)}")
     assert gc.isenabled()
-    assert gc.get_freeze_count() == frozen  # the failed setup's frames and traceback stay collectable
+    # the failed setup's frames and traceback stay collectable: nothing was frozen (the count can
+    # only drop meanwhile: frozen objects still die by reference counting, e.g. in Ray's threads)
+    assert gc.get_freeze_count() <= frozen
