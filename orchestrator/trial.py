@@ -29,9 +29,10 @@ COLLECTIVE_TIMEOUT_S = 4 * 3600  # see build_trainer
 WORKER_GROUP_START_RETRIES = 3
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
 # takes at most one report per worker per poll, and sees a run end two polls after its last report:
-# ~4 s of every trial's fixed cost with 2 s, ~0.5 s with this (BENCHMARKS.md), and reports reach
-# Tune (ASHA's decisions) as they come. A poll is one small actor call per worker. A user's own
-# setting wins; Ray Train reads it from the environment of the process that calls fit().
+# fit() returned ~5 s after the last report with 2 s, ~1 s with this (BENCHMARKS.md). In a sweep,
+# Tune stops a trial at its final report anyway; there the reports reach Tune (ASHA's decisions)
+# sooner. A poll is one small actor call per worker. A user's own setting wins; Ray Train reads it
+# from the environment of the process that calls fit().
 CONTROLLER_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
