@@ -116,6 +116,9 @@ class Reaper(Callback):
     def __init__(self, interval_s: float = INTERVAL_S):
         self.interval_s, self.last = interval_s, 0.0
 
+    def setup(self, **info) -> None:  # each driver run (a --resume restores this from Tune's state)
+        self.last = 0.0
+
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.monotonic() - self.last >= self.interval_s:
             self.last = time.monotonic()
