@@ -190,6 +190,8 @@ def plain_row(label: str, p: dict) -> str:
 
 
 def main() -> None:
+    from orchestrator.trial import CONTROLLER_POLL
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write", action="store_true", help="replace this benchmark's section in BENCHMARKS.md")
     args = p.parse_args()
@@ -209,8 +211,6 @@ def main() -> None:
     print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
     _, out = timed([sys.executable, __file__, "--ray-floor"], env)
     floors = json.loads(out.strip().splitlines()[-1])
-    from orchestrator.trial import CONTROLLER_POLL
-
     floor, lean, fast = floors["bare"], floors["trial_default_poll"], floors["trial_fast_poll"]
     print(f"one-report fit(): TorchTrainer {', '.join(f'{w:.1f}' for w in floor)} s; the trials' trainer, "
           f"Ray's 2 s poll {', '.join(f'{w:.1f}' for w in lean)} s, the trials' {CONTROLLER_POLL[1]} s poll "

@@ -37,11 +37,12 @@ SETTLE_S = 10.0  # at the sweep's end, how long its last trials' controllers get
 GRACE_S = 1.0  # and how long their processes may take to end after that
 
 
-def _groups(dead: bool) -> list:
-    """This job's placement groups, not removed and not detached, that an actor created, dead or
-    alive as asked (the driver's own, e.g. Tune's for its trials, are never among them). The
-    creator's state comes from the actor table: the group's own `creator_actor_dead` is set only
-    for the groups that existed when the creator died, not for one it created while dying."""
+def _groups() -> tuple[list, list]:
+    """This job's placement groups, not removed and not detached, that an actor created: (those
+    whose creator is dead, those whose creator is alive). The driver's own (e.g. Tune's for its
+    trials) are in neither. The creator's state comes from the actor table: the group's own
+    `creator_actor_dead` is set only for the groups that existed when the creator died, not for
+    one it created while dying. ([], []) when Ray cannot say (going down with the sweep)."""
     import ray
     from ray.util.placement_group import PlacementGroup
 
@@ -49,40 +50,31 @@ def _groups(dead: bool) -> list:
         from ray._private.state import state
         from ray.core.generated import gcs_pb2
     except ImportError:
-        return []
-    job, found, creators = ray.get_runtime_context().get_job_id(), [], {}
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
-                or ray.JobID(pg.creator_job_id).hex() != job or not pg.creator_actor_id
-                or ray.ActorID(pg.creator_actor_id).is_nil()):
-            continue
-        creator = pg.creator_actor_id.hex()
-        if creator not in creators:
-            # an actor the table no longer holds died long ago
-            creators[creator] = pg.creator_actor_dead or state.actor_table(creator).get("State", "DEAD") == "DEAD"
-        if creators[creator] == dead:
-            found.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-    return found
-
-
-def _live() -> bool:
+        return [], []
+    orphans, held, creators = [], [], {}
     try:
-        return bool(_groups(dead=False))
-    except Exception:  # noqa: BLE001 - as in reap
-        return False
+        job = ray.get_runtime_context().get_job_id()
+        for raw in state._connect_and_get_accessor().get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
+                    or ray.JobID(pg.creator_job_id).hex() != job or not pg.creator_actor_id
+                    or ray.ActorID(pg.creator_actor_id).is_nil()):
+                continue
+            creator = pg.creator_actor_id.hex()
+            if creator not in creators:
+                # an actor the table no longer holds died long ago
+                creators[creator] = pg.creator_actor_dead or state.actor_table(creator).get("State", "DEAD") == "DEAD"
+            (orphans if creators[creator] else held).append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+    except Exception:  # noqa: BLE001 - Ray going down with the sweep: nothing left to free
+        return [], []
+    return orphans, held
 
 
-def reap() -> int:
-    """Remove the orphans (creator dead) now; returns how many were removed."""
+def _remove(groups: list) -> int:
     from ray.util import remove_placement_group
 
-    try:
-        found = _groups(dead=True)
-    except Exception:  # noqa: BLE001 - Ray going down with the sweep: nothing left to free
-        return 0
     n = 0
-    for pg in found:
+    for pg in groups:
         try:
             remove_placement_group(pg)
             n += 1
@@ -92,16 +84,23 @@ def reap() -> int:
     return n
 
 
+def reap() -> int:
+    """Remove the orphans (creator dead) now; returns how many were removed."""
+    return _remove(_groups()[0])
+
+
 def settle(timeout_s: float = SETTLE_S) -> int:
     """Reap until no placement group of a live actor of this job is left (the stopped trials'
     controllers have died) or `timeout_s` passed, and once more a moment later: a controller's
-    process goes on for a few milliseconds after Ray counts it dead, and that is when it creates
-    the group no cleaner hears of. Returns how many were removed."""
-    started = time.monotonic()
-    n, deadline = reap(), started + timeout_s
-    while time.monotonic() < deadline and _live():
+    process goes on ~100 ms after Ray counts it dead, and that is when it creates the group no
+    cleaner hears of. Returns how many were removed."""
+    started, n = time.monotonic(), 0
+    while True:
+        orphans, held = _groups()
+        n += _remove(orphans)
+        if not held or time.monotonic() >= started + timeout_s:
+            break
         time.sleep(0.2)
-        n += reap()
     waited = time.monotonic() - started
     time.sleep(GRACE_S)
     n += reap()
