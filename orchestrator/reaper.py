@@ -7,20 +7,22 @@
 Tune stops a trial (ASHA, a time budget, Ctrl-C, or its final report: `done`) by killing its
 trial actor; Ray kills the trial's Train controller with it. A placement group that a non-detached
 actor creates lives until that actor *and its job* are dead (Ray's rule), and the job is the sweep
-driver: so Ray Train's PlacementGroupCleaner removes the worker group's placement group when its
-controller dies. But a controller killed while its control loop runs goes on for a moment: it sees
-its workers die (they die with it), takes that for a worker failure, and starts a new worker group
-(a new placement group) that no cleaner ever hears of; its process goes on ~100 ms after Ray
-counts it dead. Seen with the one-worker trials of a smoke sweep and of an ASHA sweep: a group's
+driver. Ray Train's PlacementGroupCleaner (a detached actor per run, which the trials' trainer
+leaves out: `trial._trainer_class`) removes the worker group's placement group when its controller
+dies. But a controller killed while its control loop runs goes on for a moment: it sees its
+workers die (they die with it), takes that for a worker failure, and starts a new worker group (a
+new placement group) that no cleaner ever hears of; its process goes on ~100 ms after Ray counts
+it dead. Seen with the one-worker trials of a smoke sweep and of an ASHA sweep: a group's
 0.49 CPU stayed reserved for the rest of the session, and the next 2 x 0.9-CPU trial on 2 CPUs
 waited for its workers until Ray Train gave up. On a GPU cluster it would be GPUs.
 
 Such a group can never be used: its creator is dead, and what the creator started died with it.
 So every placement group of this job (the sweep driver's) that is not detached, whose creator was an
-actor and that actor is dead, is removed. Ray's public state API does not say who created a group
+actor and that actor is dead, is removed: what the cleaner would remove and the group it never
+hears of. Ray's public state API does not say who created a group
 (`ray.util.state.list_placement_groups` gives the job only), so this reads the GCS tables that
 Ray's own `ray.util.placement_group_table` and `ray.util.state` read; on a Ray without them,
-`reap` finds nothing.
+`reap` finds nothing (and the trials' trainer keeps Ray's cleaner: `trial._trainer_class`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ SETTLE_S = 10.0  # at the sweep's end, how long its last trials' controllers get
 GRACE_S = 1.0  # and how long their processes may take to end after that
 
 
+def available() -> bool:
+    """Whether this Ray has the GCS tables `reap` reads."""
+    try:
+        from ray._private.state import state  # noqa: F401
+        from ray.core.generated import gcs_pb2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _groups() -> tuple[list, list]:
     """This job's placement groups, not removed and not detached, that an actor created: (those
     whose creator is dead, those whose creator is alive). The driver's own (e.g. Tune's for its
@@ -46,11 +58,11 @@ def _groups() -> tuple[list, list]:
     import ray
     from ray.util.placement_group import PlacementGroup
 
-    try:
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-    except ImportError:
+    if not available():
         return [], []
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
     orphans, held, creators = [], [], {}
     try:
         job = ray.get_runtime_context().get_job_id()

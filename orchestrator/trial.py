@@ -53,24 +53,35 @@ def _report_log_callback(path: str):
 
 @functools.cache
 def _trainer_class():
-    """TorchTrainer without Ray Data's part when a run has no Ray Datasets (trials never pass any:
-    each worker loads its task's data itself). Ray Train (2.60) starts a DatasetManager actor with
-    every run, datasets or not: one more process per trial that imports Ray Data (~1.3 s of CPU;
-    an empty run 0.8 s shorter without it on 2 cores, BENCHMARKS.md). With datasets it is Ray's own
-    TorchTrainer; on a Ray without that private hook the override is never called and changes nothing."""
+    """TorchTrainer without two of the processes Ray Train (2.60) starts with every run, through the
+    private hook that makes its default callbacks; on a Ray without that hook it is Ray's own
+    TorchTrainer and changes nothing.
+
+    - Ray Data's DatasetManager actor, when a run has no Ray Datasets (trials never pass any: each
+      worker loads its task's data): a process that imports Ray Data (~1.3 s of CPU; an empty run
+      0.8 s shorter without it on 2 cores, BENCHMARKS.md).
+    - The PlacementGroupCleaner: a detached actor per run (a process, ~3 CPU-s on 2 cores; an empty
+      run ~1 s shorter without it) that removes the worker group's placement group if the
+      controller dies without removing it. `orchestrator.reaper` does that for every group of the
+      job whose creating actor died, the one group the cleaner never hears of included: in a sweep
+      every 2 s and at its end, after a standalone trial once its `fit()` returns. Kept where the
+      reaper cannot read Ray's tables."""
     from ray.train.torch import TorchTrainer
+
+    from orchestrator import reaper
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
         return TorchTrainer
 
+    cleaner = (PlacementGroupCleanerCallback,) if reaper.available() else ()
+
     class TrialTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            unwanted = (*cleaner, *(() if self.datasets else (DatasetsCallback,)))
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unwanted)]
 
     return TrialTrainer
 
@@ -118,13 +129,17 @@ def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str
 def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial") -> Any:
     """Validate (before anything starts), then run one trial to completion; returns Ray's Result.
     A trial whose workers stalled raises stall.TrialStalled."""
+    from orchestrator import reaper
     from orchestrator.nodes import prepare_nodes
 
     target = validate_trial(cfg)  # the DeepSpeed config too: a bad JSON fails here, not in a worker
     prepare_nodes([cfg])  # op builds and downloads before the trial's clock starts
     marker = stall.marker_path(storage_path, name)
     stall.clear(marker)
-    return stall.fit(build_trainer(cfg, target, storage_path, name), marker)
+    try:
+        return stall.fit(build_trainer(cfg, target, storage_path, name), marker)
+    finally:
+        reaper.reap()  # a group its dead controller left (the trials' trainer has no Ray cleaner)
 
 
 def read_reports(storage_path: str, name: str) -> list[dict[str, Any]]:

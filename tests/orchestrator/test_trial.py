@@ -16,6 +16,7 @@ from methods.config import ConfigError
 from orchestrator import report
 from orchestrator.config import TrialConfig, validate_trial
 from orchestrator.trial import CONTROLLER_POLL, build_trainer, read_reports, run_trial
+from tests.conftest import free_cpus
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +101,15 @@ def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    before = {cls: _actors_started(cls) for cls in ("TrainController", "DatasetManager")}
+    classes = ("TrainController", "DatasetManager", "PlacementGroupCleaner")
+    before = {cls: _actors_started(cls) for cls in classes}
     result = run_trial(cfg, str(tmp_path), "killed")
     killer.join(timeout=5)
-    # One controller, and no Ray Data process: trials pass no Ray Datasets (trial._trainer_class)
-    assert {cls: _actors_started(cls) - n for cls, n in before.items()} == {"TrainController": 1, "DatasetManager": 0}
+    # One controller; no Ray Data process (trials pass no Ray Datasets) and no Ray Train placement-group
+    # cleaner (orchestrator.reaper does its job): trial._trainer_class
+    assert {cls: _actors_started(cls) - n for cls, n in before.items()} == dict(zip(classes, (1, 0, 0)))
+    # the worker groups' placement groups, the restarted one's and the first, were all removed
+    assert free_cpus(ray_session) == pytest.approx(ray_session.cluster_resources()["CPU"])
     assert killed, "no worker was killed"
     assert result.error is None
     reports = read_reports(str(tmp_path), "killed")
