@@ -15,15 +15,17 @@ same steps whatever its seed:
   floor   Ray Train's own cost per run: `fit()`s of 2 workers x 0.49 CPU whose train function only
           reports once (as every trial's last evaluation does), in one process after Ray started
           (median), with the environment `orchestrate sweep` gives a local Ray; alternating: Ray's
-          bare `TorchTrainer`, the trials' trainer (`trial._trainer_class`: no Ray Data actor) with
-          Ray's 2 s controller poll, and the same with the trials' 0.25 s poll (`trial.CONTROLLER_POLL`).
-Each plain loop runs twice (the mean is used), alternating with a plain loop whose setup runs
-with Python's cyclic GC on (`--plain --gc-on`; which goes first swaps between the pairs): what
-pausing it (`orchestrator.startup`, as the trials' workers and the sweep driver do) is worth to
-one process's imports and loads. The per-part breakdown comes from the sweep's `summary.json`
-(`driver`: the driver's timeline) and the trials' reports (`worker_start_s`, `setup_s`, method
-init, steps, evaluations, checkpoints). The fixed cost of a trial is the
-marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5, minus the plain loop.
+          bare `TorchTrainer`, the trials' trainer (`trial._trainer_class`: no Ray Data actor and no
+          placement-group cleaner) with Ray's 2 s controller poll, and the same with the trials'
+          0.25 s poll (`trial.CONTROLLER_POLL`).
+Each plain loop runs twice, once before the sweeps and once after them (the mean is used),
+each time beside a plain loop whose setup runs with Python's cyclic GC on (`--plain --gc-on`;
+which goes first swaps between the pairs): what pausing it (`orchestrator.startup`, as the
+trials' workers and the sweep driver do) is worth to one process's imports and loads. The
+per-part breakdown comes from the sweep's `summary.json` (`driver`: the driver's timeline) and the
+trials' reports (`worker_start_s`, `setup_s`, method init, steps, evaluations, checkpoints). The
+fixed cost of a trial is the marginal cost of one more trial in a sweep, (sweep6 - sweep1) / 5,
+minus the plain loop.
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def _empty(config) -> None:
 
 def ray_floor() -> None:
     """fit()s of a run that only reports once, in turn: Ray's bare TorchTrainer, the trials' trainer
-    (the same without Ray Data's actor, `trial._trainer_class`) with Ray's default controller poll,
-    and the trials' trainer with the trials' poll (CONTROLLER_POLL); prints their wall times as JSON."""
+    (the same without Ray Data's actor and Ray Train's placement-group cleaner, `trial._trainer_class`)
+    with Ray's default controller poll, and the trials' trainer with the trials' poll
+    (CONTROLLER_POLL); prints their wall times as JSON."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -198,17 +201,23 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     tmp = tempfile.mkdtemp(prefix="overhead-")
     plains, gc_on = [], []
-    for pair in range(2):
+
+    def plain_pair(pair: int) -> None:
         for runs, flags in ((gc_on, ["--gc-on"]), (plains, []))[::1 if pair == 0 else -1]:
             wall, out = timed([sys.executable, __file__, "--plain", *flags], env)
             runs.append({"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
             print(f"plain loop {' '.join(flags)}: {wall:.1f} s "
                   f"({fmt_parts({k: v for k, v in runs[-1].items() if k.endswith('_s')})})", flush=True)
-    plain = statistics.mean(p["wall_s"] for p in plains)
+
+    # One pair before the sweeps and one after: a shared machine's speed drifts over minutes, and
+    # the plain loops' mean is what the sweeps are measured against.
+    plain_pair(0)
     one = sweep(tmp, "overhead1", 1, env)
     print(f"one-trial sweep: {one['wall_s']:.1f} s", flush=True)
     six = sweep(tmp, "overhead6", 6, env)
     print(f"six-trial sweep: {six['wall_s']:.1f} s", flush=True)
+    plain_pair(1)
+    plain = statistics.mean(p["wall_s"] for p in plains)
     _, out = timed([sys.executable, __file__, "--ray-floor"], env)
     floors = json.loads(out.strip().splitlines()[-1])
     floor, lean, fast = floors["bare"], floors["trial_default_poll"], floors["trial_fast_poll"]
@@ -230,16 +239,17 @@ def main() -> None:
         "",
         "| run | wall (s) | parts (s) |",
         "|---|---|---|",
-        *[plain_row(f"plain loop {i + 1} (process start to exit)", p) for i, p in enumerate(plains)],
-        *[plain_row(f"plain loop, its setup with the cyclic GC on, {i + 1} (alternating with the rows above)", p)
-          for i, p in enumerate(gc_on)],
+        *[plain_row(f"plain loop {i + 1}, {when} the sweeps (process start to exit)", p)
+          for i, (p, when) in enumerate(zip(plains, ("before", "after")))],
+        *[plain_row(f"plain loop, its setup with the cyclic GC on, {i + 1}, {when} the sweeps (beside the rows above)", p)
+          for i, (p, when) in enumerate(zip(gc_on, ("before", "after")))],
         f"| one-trial sweep (driver start to exit) | {one['wall_s']:.1f} | driver: {fmt_parts(one['driver'])}; "
         f"trial: {fmt_parts(one['trials'][0])} |",
         f"| six-trial sweep | {six['wall_s']:.1f} | driver: {fmt_parts(six['driver'])}; trial mean: {fmt_parts(trial_mean)} |",
         f"| Ray Train alone: a train function that reports once, 2 workers (`fit()`, Ray already started), Ray's "
         f"defaults, median | {statistics.median(floor):.1f} | {len(floor)} runs: {', '.join(f'{w:.1f}' for w in floor)} |",
-        f"| the same with the trials' trainer (no Ray Data actor) and Ray's 2 s controller poll, in turn "
-        f"with the rows around it, median | {statistics.median(lean):.1f} | {len(lean)} runs: {', '.join(f'{w:.1f}' for w in lean)} |",
+        f"| the same with the trials' trainer (no Ray Data actor, no placement-group cleaner) and Ray's 2 s "
+        f"controller poll, in turn with the rows around it, median | {statistics.median(lean):.1f} | {len(lean)} runs: {', '.join(f'{w:.1f}' for w in lean)} |",
         f"| the same with the trials' {CONTROLLER_POLL[1]} s controller poll (`{CONTROLLER_POLL[0]}`: as trials run), median | "
         f"{statistics.median(fast):.1f} | {len(fast)} runs: {', '.join(f'{w:.1f}' for w in fast)} |",
         "",
