@@ -129,6 +129,45 @@ def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray
         assert read_trial(d) == cfg
 
 
+def test_a_standalone_trial_whose_controller_dies_leaves_no_cpu_reserved(ray_session, tmp_path, monkeypatch):
+    """The Train controller SIGKILLed once its workers exist (the driver lives on): Ray kills the
+    workers with it but keeps their placement group until the driver's job ends. The trials'
+    trainer has no Ray Train placement-group cleaner, so run_trial removes it itself
+    (orchestrator.reaper) once fit() fails: seen reserved just before, and free after."""
+    import ray
+
+    from orchestrator import reaper
+
+    total = ray_session.cluster_resources()["CPU"]
+    seen: dict[str, float] = {}
+    real_reap = reaper.reap
+
+    def reap_and_record():
+        seen["free_before"] = ray.available_resources().get("CPU", 0.0)
+        return real_reap()
+
+    monkeypatch.setattr(reaper, "reap", reap_and_record)
+    killed: list[int] = []
+
+    def kill_controller_once_workers_exist():
+        deadline = time.time() + 300
+        while time.time() < deadline and len(_train_worker_pids()) < 2:
+            time.sleep(0.2)
+        for p in psutil.process_iter(["cmdline"]):
+            if any("TrainController" in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+                killed.append(p.pid)
+
+    killer = threading.Thread(target=kill_controller_once_workers_exist, daemon=True)
+    killer.start()
+    with pytest.raises(ray.exceptions.RayActorError):
+        run_trial(trial_config(train={"max_steps": 500}), str(tmp_path), "controller-killed")
+    killer.join(timeout=5)
+    assert len(killed) == 1, killed
+    assert seen["free_before"] <= total - 2 * 0.9 + 1e-6  # the dead controller's workers' group, still held
+    assert free_cpus(ray_session) == pytest.approx(total)
+
+
 def test_bad_settings_fail_before_any_worker(tmp_path):
     bad = [
         ({"data": {"name": "squad"}}, "unknown task"),
