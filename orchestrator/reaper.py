@@ -21,8 +21,9 @@ So every placement group of this job (the sweep driver's) that is not detached, 
 actor and that actor is dead, is removed: what the cleaner would remove and the group it never
 hears of. Ray's public state API does not say who created a group
 (`ray.util.state.list_placement_groups` gives the job only), so this reads the GCS tables that
-Ray's own `ray.util.placement_group_table` and `ray.util.state` read; on a Ray without them,
-`reap` finds nothing (and the trials' trainer keeps Ray's cleaner: `trial._trainer_class`).
+Ray's own `ray.util.placement_group_table` and `ray.util.state` read. On a Ray without them (or
+through Ray Client) `available()` says so, `reap` finds nothing, and the trials' trainer keeps
+Ray's cleaner (`trial._trainer_class`).
 """
 
 from __future__ import annotations
@@ -39,14 +40,25 @@ SETTLE_S = 10.0  # at the sweep's end, how long its last trials' controllers get
 GRACE_S = 1.0  # and how long their processes may take to end after that
 
 
+FIELDS = ("placement_group_id", "state", "is_detached", "creator_job_id", "creator_actor_id", "creator_actor_dead")
+
+
 def available() -> bool:
-    """Whether this Ray has the GCS tables `reap` reads."""
+    """Whether `reap` can work here: this Ray has the GCS accessors and the placement-group fields it
+    reads, and this process is not a Ray Client (whose process has no GCS connection of its own).
+    Needs no connection (it decides which trainer a trial gets, maybe before Ray starts)."""
     try:
-        from ray._private.state import state  # noqa: F401
-        from ray.core.generated import gcs_pb2  # noqa: F401
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.client import ray as client
     except ImportError:
         return False
-    return True
+    fields = gcs_pb2.PlacementGroupTableData.DESCRIPTOR.fields_by_name
+    return (all(f in fields for f in FIELDS) and hasattr(state, "_connect_and_get_accessor")
+            and hasattr(state, "actor_table") and not client.is_connected())
+
+
+_warned = False
 
 
 def _groups() -> tuple[list, list]:
@@ -77,7 +89,12 @@ def _groups() -> tuple[list, list]:
                 # an actor the table no longer holds died long ago
                 creators[creator] = pg.creator_actor_dead or state.actor_table(creator).get("State", "DEAD") == "DEAD"
             (orphans if creators[creator] else held).append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-    except Exception:  # noqa: BLE001 - Ray going down with the sweep: nothing left to free
+    except Exception as e:  # noqa: BLE001 - Ray going down with the sweep: nothing left to free
+        global _warned
+        if ray.is_initialized() and not _warned:  # up, yet unreadable: say so once, don't fail the sweep
+            _warned = True
+            logger.warning("cannot read Ray's placement-group table (%s: %s): placement groups that dead "
+                           "trials leave are not removed", type(e).__name__, e)
         return [], []
     return orphans, held
 

@@ -64,8 +64,8 @@ def _trainer_class():
       run ~1 s shorter without it) that removes the worker group's placement group if the
       controller dies without removing it. `orchestrator.reaper` does that for every group of the
       job whose creating actor died, the one group the cleaner never hears of included: in a sweep
-      every 2 s and at its end, after a standalone trial once its `fit()` returns. Kept where the
-      reaper cannot read Ray's tables."""
+      every 2 s and at its end, after a standalone trial once its `fit()` returns. Kept where
+      `reaper.available()` says the reaper cannot work (another Ray, Ray Client)."""
     from ray.train.torch import TorchTrainer
 
     from orchestrator import reaper
@@ -87,7 +87,8 @@ def _trainer_class():
 
 
 def build_trainer(cfg: TrialConfig, target: Target, storage_path: str, name: str, callbacks=()):
-    """The TorchTrainer for one trial; validated config in, nothing launched yet."""
+    """The TorchTrainer for one trial; validated config in, nothing launched yet. Its caller reaps
+    (`orchestrator.reaper`) what a dead controller leaves: `run_trial` and sweeps do."""
     import ray.train
     from ray.train.torch import TorchConfig
 
@@ -138,8 +139,14 @@ def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial")
     stall.clear(marker)
     try:
         return stall.fit(build_trainer(cfg, target, storage_path, name), marker)
+    except BaseException:
+        # The controller may have died (the trials' trainer has no Ray cleaner): its group now, and
+        # after a moment what it created while dying (orchestrator.reaper), in `finally`.
+        reaper.reap()
+        time.sleep(reaper.GRACE_S)
+        raise
     finally:
-        reaper.reap()  # a group its dead controller left (the trials' trainer has no Ray cleaner)
+        reaper.reap()
 
 
 def read_reports(storage_path: str, name: str) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import threading
 import time
 
@@ -129,6 +130,14 @@ def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray
         assert read_trial(d) == cfg
 
 
+def _alive_actors(cls: str) -> dict[str, int]:
+    """Actor id -> pid of this Ray's live actors of a class (Ray's state API: this session only)."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.pid for a in list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")],
+                                                   limit=10_000, raise_on_missing_output=False)}
+
+
 def test_a_standalone_trial_whose_controller_dies_leaves_no_cpu_reserved(ray_session, tmp_path, monkeypatch):
     """The Train controller SIGKILLed once its workers exist (the driver lives on): Ray kills the
     workers with it but keeps their placement group until the driver's job ends. The trials'
@@ -143,26 +152,34 @@ def test_a_standalone_trial_whose_controller_dies_leaves_no_cpu_reserved(ray_ses
     real_reap = reaper.reap
 
     def reap_and_record():
-        seen["free_before"] = ray.available_resources().get("CPU", 0.0)
+        seen.setdefault("free_before", ray.available_resources().get("CPU", 0.0))
         return real_reap()
 
     monkeypatch.setattr(reaper, "reap", reap_and_record)
+    controllers_before, workers_before = set(_alive_actors("TrainController")), set(_alive_actors("RayTrainWorker"))
     killed: list[int] = []
+    stop = threading.Event()
 
     def kill_controller_once_workers_exist():
-        deadline = time.time() + 300
-        while time.time() < deadline and len(_train_worker_pids()) < 2:
-            time.sleep(0.2)
-        for p in psutil.process_iter(["cmdline"]):
-            if any("TrainController" in part for part in (p.info["cmdline"] or [])):
-                p.kill()
-                killed.append(p.pid)
+        while not stop.wait(0.2):
+            workers = set(_alive_actors("RayTrainWorker")) - workers_before
+            controllers = {a: pid for a, pid in _alive_actors("TrainController").items() if a not in controllers_before}
+            if len(workers) == 2 and len(controllers) == 1:
+                (pid,) = controllers.values()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
 
     killer = threading.Thread(target=kill_controller_once_workers_exist, daemon=True)
     killer.start()
-    with pytest.raises(ray.exceptions.RayActorError):
-        run_trial(trial_config(train={"max_steps": 500}), str(tmp_path), "controller-killed")
-    killer.join(timeout=5)
+    try:
+        with pytest.raises(ray.exceptions.RayActorError):
+            run_trial(trial_config(train={"max_steps": 60}), str(tmp_path), "controller-killed")
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+        real_reap()  # a failed check must not leave the group reserved for the rest of the session
     assert len(killed) == 1, killed
     assert seen["free_before"] <= total - 2 * 0.9 + 1e-6  # the dead controller's workers' group, still held
     assert free_cpus(ray_session) == pytest.approx(total)
@@ -354,8 +371,6 @@ def test_generative_task_under_zero3_scores_generated_answers(ray_session, tmp_p
 def test_a_frozen_worker_fails_the_trial_as_stalled_instead_of_hanging(ray_session, tmp_path):
     """One of two workers frozen for real (SIGSTOP) after the first report: the other waits in its
     next collective forever, until its watchdog ends the attempt; the trial fails as stalled."""
-    import signal
-
     from orchestrator.stall import TrialStalled
 
     cfg = trial_config(train={"max_steps": 500, "eval_every": 2, "stall_timeout_s": 15, "max_failures": 0,
