@@ -21,9 +21,10 @@ So every placement group of this job (the sweep driver's) that is not detached, 
 actor and that actor is dead, is removed: what the cleaner would remove and the group it never
 hears of. Ray's public state API does not say who created a group
 (`ray.util.state.list_placement_groups` gives the job only), so this reads the GCS tables that
-Ray's own `ray.util.placement_group_table` and `ray.util.state` read. On a Ray without them (or
-through Ray Client) `available()` says so, `reap` finds nothing, and the trials' trainer keeps
-Ray's cleaner (`trial._trainer_class`).
+Ray's own `ray.util.placement_group_table` and `ray.util.state` read. In a process where it cannot
+(a Ray without them, a Ray Client) `available()` says so, `reap` finds nothing, and a trial's
+trainer built there keeps Ray's cleaner (`trial._trainer_class`). (Under Ray Client, Tune runs its
+loop, this callback included, inside the cluster.)
 """
 
 from __future__ import annotations
