@@ -138,15 +138,14 @@ def run_trial(cfg: TrialConfig, storage_path: str = "runs", name: str = "trial")
     marker = stall.marker_path(storage_path, name)
     stall.clear(marker)
     try:
-        return stall.fit(build_trainer(cfg, target, storage_path, name), marker)
+        result = stall.fit(build_trainer(cfg, target, storage_path, name), marker)
     except BaseException:
-        # The controller may have died (the trials' trainer has no Ray cleaner): its group now, and
-        # after a moment what it created while dying (orchestrator.reaper), in `finally`.
-        reaper.reap()
-        time.sleep(reaper.GRACE_S)
+        # The controller may have died (the trials' trainer has no Ray cleaner): its group now and,
+        # after the grace, what it created while dying (orchestrator.reaper).
+        reaper.settle(timeout_s=0)
         raise
-    finally:
-        reaper.reap()
+    reaper.reap()
+    return result
 
 
 def read_reports(storage_path: str, name: str) -> list[dict[str, Any]]:

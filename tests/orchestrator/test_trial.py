@@ -149,13 +149,13 @@ def test_a_standalone_trial_whose_controller_dies_leaves_no_cpu_reserved(ray_ses
 
     total = ray_session.cluster_resources()["CPU"]
     seen: dict[str, float] = {}
-    real_reap = reaper.reap
+    real_groups = reaper._groups
 
-    def reap_and_record():
+    def groups_and_record():  # what the reaper finds, read just before it first removes anything
         seen.setdefault("free_before", ray.available_resources().get("CPU", 0.0))
-        return real_reap()
+        return real_groups()
 
-    monkeypatch.setattr(reaper, "reap", reap_and_record)
+    monkeypatch.setattr(reaper, "_groups", groups_and_record)
     controllers_before, workers_before = set(_alive_actors("TrainController")), set(_alive_actors("RayTrainWorker"))
     killed: list[int] = []
     stop = threading.Event()
@@ -179,7 +179,7 @@ def test_a_standalone_trial_whose_controller_dies_leaves_no_cpu_reserved(ray_ses
     finally:
         stop.set()
         killer.join(timeout=10)
-        real_reap()  # a failed check must not leave the group reserved for the rest of the session
+        reaper.reap()  # a failed check must not leave the group reserved for the rest of the session
     assert len(killed) == 1, killed
     assert seen["free_before"] <= total - 2 * 0.9 + 1e-6  # the dead controller's workers' group, still held
     assert free_cpus(ray_session) == pytest.approx(total)
