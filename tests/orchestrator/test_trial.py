@@ -75,11 +75,17 @@ def _train_worker_pids() -> list[int]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def _actors_started(cls: str) -> int:
-    """Actors of this class that Ray started in the session, alive or not (Ray's state API)."""
+def _actors(cls: str, *filters: tuple) -> dict[str, int]:
+    """Actor id -> pid of the actors of this class that Ray started in the session (Ray's state API:
+    this session only), alive or not unless `filters` say otherwise."""
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", cls)], limit=10_000, raise_on_missing_output=False))
+    return {a.actor_id: a.pid for a in list_actors(filters=[("class_name", "=", cls), *filters], limit=10_000,
+                                                   raise_on_missing_output=False)}
+
+
+def _actors_started(cls: str) -> int:
+    return len(_actors(cls))
 
 
 def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray_session, tmp_path):
@@ -131,11 +137,7 @@ def test_two_worker_trial_killed_mid_run_resumes_and_reports_time_to_quality(ray
 
 
 def _alive_actors(cls: str) -> dict[str, int]:
-    """Actor id -> pid of this Ray's live actors of a class (Ray's state API: this session only)."""
-    from ray.util.state import list_actors
-
-    return {a.actor_id: a.pid for a in list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")],
-                                                   limit=10_000, raise_on_missing_output=False)}
+    return _actors(cls, ("state", "=", "ALIVE"))
 
 
 def test_a_standalone_trial_whose_controller_dies_leaves_no_cpu_reserved(ray_session, tmp_path, monkeypatch):
