@@ -52,8 +52,9 @@ def cmd_prepare(args) -> int:
 
 def smoke(spec):
     """--smoke-test: the real driver -> worker path, shrunk to minutes on 2 CPUs: every method of
-    the file, its first seed, 2 steps and one evaluation on a little data, one worker per trial so that trials run side
-    by side. It checks that each method runs on this model and task; its times mean nothing."""
+    the file, its first seed, 2 steps and one evaluation on a little data (a gradient estimate of 2
+    batches), one worker per trial so that trials run side by side. It checks that each method runs
+    on this model and task; its times mean nothing."""
     from orchestrator.tasks import get_task
 
     r = dataclasses.replace
@@ -70,9 +71,26 @@ def smoke(spec):
     data = r(spec.data, max_train_samples=64, max_length=min(spec.data.max_length, 64),
              max_eval_samples=8 if generative or "languages" in own else 32, options=options)
     return r(spec, train=r(spec.train, max_steps=min(spec.train.max_steps, 2), eval_every=2), data=data,
+             methods={m: _smoke_method(m, entries) for m, entries in spec.methods.items()},
              tune=r(spec.tune, num_samples=1, seeds=spec.tune.seeds[:1]),
              # 0.49 CPU: one pinned core (orchestrator.cores), so two trials share a 2-core machine
              resources=r(spec.resources, num_workers=1, cpus_per_worker=min(spec.resources.cpus_per_worker, 0.49)))
+
+
+SMOKE_GRADIENT_BATCHES = 2
+
+
+def _smoke_method(method: str, entries: dict) -> dict:
+    """A gradient-initialised method (LoRA-GA, the hybrid) estimates its gradient over 2 batches,
+    as the smoke test trains 2 steps: on SmolLM2 the default 8 batches were ~20 of a smoke trial's
+    ~30 s on one core. The estimate still averages batches; what it gives means nothing here."""
+    import methods
+    from methods.config import leaf_fields
+
+    keys = [name for name, f in leaf_fields(methods.METHODS[method].config_cls) if f.metadata.get("param") == "ga_batches"]
+    fixed = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return {**entries, **{k: min(entries[k], SMOKE_GRADIENT_BATCHES) if fixed(entries.get(k)) else SMOKE_GRADIENT_BATCHES
+                          for k in keys}}
 
 
 def print_plan(spec) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from orchestrator.cli import smoke
+from orchestrator.config import TrialConfig
 from orchestrator.spec import load_sweep
 from orchestrator.placement import max_concurrent
 from orchestrator.sweep import run_sweep
@@ -52,6 +53,11 @@ def test_study_file_smoke_test_runs_its_methods_on_its_model_and_task(path, ray_
     plan = small.plan()
     assert sorted(t["method"] for t in plan) == sorted(METHODS)  # every method once, its first seed, 2 steps
     assert {t["seed"] for t in plan} == {spec.tune.seeds[0]} and {t["trial"]["train"]["max_steps"] for t in plan} == {2}
+    # the gradient-initialised methods (LoRA-GA, the hybrid) estimate over 2 batches, not the file's 8
+    assert {m: c.gradient_batches for m, c in ((t["method"], TrialConfig.from_dict(t["trial"]).method) for t in plan)
+            if hasattr(c, "gradient_batches")} == {"lora_ga": 2, "hybrid": 2}
+    assert {t["method"]: TrialConfig.from_dict(t["trial"]).method.gradient_batches
+            for t in spec.plan() if t["method"] in ("lora_ga", "hybrid")} == {"lora_ga": 8, "hybrid": 8}
     run = SMOKE_RUN[os.path.basename(path)]
     # Untracked: a sweep's MLflow store and report are the sweep tests' concern, not this one's.
     _, summary = run_sweep(dataclasses.replace(small, methods={m: small.methods[m] for m in run}), quiet=True,
@@ -67,6 +73,20 @@ def test_study_file_smoke_test_runs_its_methods_on_its_model_and_task(path, ray_
     if "full" in trials:  # the methods differ
         (other,) = set(trials) - {"full"}
         assert trials["full"]["trainable_params"] > 100 * trials[other]["trainable_params"]
+
+
+def test_smoke_caps_the_gradient_estimate_whatever_the_file_sets(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndata: {name: bbc_news}\ntarget: {metric: accuracy, value: 0.8}\n"
+                    "methods:\n  hybrid: {lora_ga: {batches: 16, lora: {r: 4}}}\n"
+                    "  lora_ga: {batches: {grid: [4, 16]}}\n  lora: {r: 4}\n")
+    spec = load_sweep(str(path))
+    small = smoke(spec)
+    batches = {t["method"]: getattr(TrialConfig.from_dict(t["trial"]).method, "gradient_batches", None) for t in small.plan()}
+    assert batches == {"hybrid": 2, "lora_ga": 2, "lora": None}  # one lora_ga trial: the grid is gone
+    assert small.methods["hybrid"]["lora_ga.lora.r"] == 4 and spec.methods["hybrid"]["lora_ga.batches"] == 16
+    path.write_text(path.read_text().replace("{grid: [4, 16]}", "1"))
+    assert smoke(load_sweep(str(path))).methods["lora_ga"] == {"batches": 1}  # already fewer: kept
 
 
 @pytest.fixture(scope="module")
